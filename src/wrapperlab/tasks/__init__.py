@@ -1,0 +1,12 @@
+"""Procedural tasks: the PCFG grammar and sampler, the five task families, operand priors, spurious edits."""
+
+from wrapperlab.tasks.families import FAMILIES, Family
+from wrapperlab.tasks.pcfg import PAPER_GRAMMAR, Grammar, PCFGSampler
+from wrapperlab.tasks.priors import PRIORS, resolve_prior
+from wrapperlab.tasks.task import Batch, PCFGTask, TaskConfig
+from wrapperlab.tasks.vocab import Vocab
+
+__all__ = [
+    "FAMILIES", "Family", "PAPER_GRAMMAR", "Grammar", "PCFGSampler", "PRIORS", "resolve_prior",
+    "Batch", "PCFGTask", "TaskConfig", "Vocab",
+]

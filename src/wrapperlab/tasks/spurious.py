@@ -1,0 +1,96 @@
+"""Planting the spurious correlation r(x, O_FT) - r(x, O_PT) = q (paper.md §2.5, App. B.2).
+
+The paper says only that the correlation is planted "by artificially adding the target tokens O_FT" and that
+the label histograms should barely move (its Fig. 16). Our edit is the **smallest Hamming edit** that makes the
+relation hold, touching only tokens that the answer depends on, at positions drawn uniformly at random:
+
+count (region = the last O' tokens). With A = #O_PT, B = #O_FT and D = B - A, we need to move D by
+Δ = q - D. A substitution O_PT -> O_FT moves D by 2, any other substitution involving O_PT or O_FT by 1, so the
+minimum is ceil(|Δ| / 2) substitutions: as many O_PT -> O_FT (Δ > 0; O_FT -> O_PT if Δ < 0) as fit, then one
+"other" -> O_FT (or O_PT -> other; mirrored for Δ < 0) for the odd unit.
+
+index-of-occurrence (q >= 1). Let i_a be the distance of the k-th O_PT from EOT. We set the token at
+distance i_a + q to O_FT, turn any O_FT strictly between i_a and i_a + q into the third terminal, and make
+exactly k - 1 O_FT among distances 1..i_a - 1 by switching O_FT <-> third terminal (O_PT tokens are never
+touched, so r(x, O_PT) is unchanged). This is the minimal edit that keeps r(x, O_PT) fixed.
+
+If no such edit exists for a string (e.g. O_PT occurs fewer than k times), the caller draws a fresh string
+(rejection) — documented in ``task.py`` and counted in the spurious report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pick(rng: np.random.Generator, positions: np.ndarray, n: int) -> np.ndarray:
+    return rng.choice(positions, size=n, replace=False) if n else positions[:0]
+
+
+def edit_count(row: np.ndarray, o_pt: int, o_ft: int, other: int, q: int, o2: int,
+               rng: np.random.Generator) -> np.ndarray | None:
+    """Return an edited copy of ``row`` with count(O_FT) - count(O_PT) = q in the last o2 tokens, or None."""
+    row = row.copy()
+    start = row.shape[0] - o2
+    region = row[start:]
+    a_pos = np.flatnonzero(region == o_pt) + start
+    b_pos = np.flatnonzero(region == o_ft) + start
+    c_pos = np.flatnonzero(region == other) + start
+    delta = q - (b_pos.size - a_pos.size)
+    if delta == 0:
+        return row
+    up = delta > 0
+    src2, dst2 = (a_pos, o_ft) if up else (b_pos, o_pt)  # moves of 2
+    need = abs(delta)
+    n2 = min(need // 2, src2.size)
+    moved2 = _pick(rng, src2, n2)
+    row[moved2] = dst2
+    rest = need - 2 * n2
+    # moves of 1: other -> O_FT (up) / other -> O_PT (down), then O_PT -> other (up) / O_FT -> other (down)
+    n_other = min(rest, c_pos.size)
+    row[_pick(rng, c_pos, n_other)] = o_ft if up else o_pt
+    rest -= n_other
+    if rest:
+        remaining = np.setdiff1d(src2, moved2)
+        if remaining.size < rest:
+            return None
+        row[_pick(rng, remaining, rest)] = other
+    return row
+
+
+def edit_index(row: np.ndarray, o_pt: int, o_ft: int, other: int, q: int, k: int,
+               rng: np.random.Generator) -> np.ndarray | None:
+    """Return an edited copy with index(O_FT, k) - index(O_PT, k) = q, or None when impossible."""
+    if q < 1:
+        raise ValueError("the index-of-occurrence spurious edit needs q >= 1")
+    row = row.copy()
+    w = row.shape[0]
+    dist = w - np.arange(w)  # distance from EOT of each column
+    a_cols = np.flatnonzero(row == o_pt)[::-1]
+    if a_cols.size < k:
+        return None
+    ia = dist[a_cols[k - 1]]
+    target = ia + q
+    if target > w or row[w - target] < 0:
+        return None
+    row[w - target] = o_ft
+    between = (dist > ia) & (dist < target) & (row == o_ft)
+    row[between] = other
+    near = dist < ia
+    b_near = np.flatnonzero(near & (row == o_ft))
+    c_near = np.flatnonzero(near & (row == other))
+    diff = b_near.size - (k - 1)
+    if diff > 0:
+        row[_pick(rng, b_near, diff)] = other
+    elif diff < 0:
+        if c_near.size < -diff:
+            return None
+        row[_pick(rng, c_near, -diff)] = o_ft
+    return row
+
+
+SPURIOUS_FAMILIES = ("count", "index-of-occurrence")
+
+
+def relation_holds(r_ft: np.ndarray, r_pt: np.ndarray, q: int) -> np.ndarray:
+    return (r_ft - r_pt) == q

@@ -1,0 +1,275 @@
+"""A PCFG task: configuration plus a seeded generator of (token sequence, answer) batches.
+
+Sequence layout, paper.md §2.2 eq. (1):  SOS T O O' SOT Txt EOT ART Ans EOS,  length window + 9
+(259 for the paper's 250-token window — the paper's "~260-token sequences").
+
+Strings shorter than the window (≈24 % of the paper grammar's strings at window 250; paper.md §2.1 notes the
+paper is silent) are **kept whole and left-padded**: the PAD tokens go before SOS, so every sequence has the same
+length, the answer sits at the same position in every row, and no grammar token is invented or thrown away.
+All five families count positions backwards from EOT, so their answers are well defined on a short string as
+long as it is at least O' long (the paper grammar's shortest string has 161 tokens). ``short_strings="reject"``
+instead redraws strings until they fill the window (this biases the data toward long derivations).
+Full-LM loss never predicts PAD or predicts from PAD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wrapperlab.tasks.families import FAMILIES, get_family
+from wrapperlab.tasks.pcfg import PAPER_GRAMMAR, PCFGSampler
+from wrapperlab.tasks.priors import resolve_prior
+from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES, edit_count, edit_index
+from wrapperlab.tasks.vocab import ART, EOT, FAMILY_TOKENS, NULL, PAD, SOS, SOT, Vocab
+
+TERMINALS = PAPER_GRAMMAR.terminals  # ("a", "b", "c")
+PREFIX_LEN, SUFFIX_LEN = 5, 4
+
+
+class TaskConfig(BaseModel):
+    """Knobs of the PCFG task. Paper values are the defaults (paper.md §2.1–2.5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: int = Field(250, ge=2, le=4096, description="tokens of each string shown to the model")
+    o2: dict[str, int] = Field(
+        default_factory=lambda: {n: f.default_o2 for n, f in FAMILIES.items()},
+        description="O' per family (paper: 40 for count/token-value, 6 for index)",
+    )
+    prior: str = Field("low", description="operand prior: low | medium-low | medium | medium-high | high | 'pa,pb,pc'")
+    families: dict[str, float] = Field(
+        default_factory=lambda: {n: 1.0 for n in FAMILIES}, description="pretraining family mix (weights)"
+    )
+    o_pt: Literal["a", "b", "c"] = "a"
+    o_ft: Literal["a", "b", "c"] = "b"
+    q: int = Field(1, description="spurious offset r(x, O_FT) - r(x, O_PT)")
+    short_strings: Literal["pad", "reject"] = "pad"
+    max_depth: int = Field(64, ge=1)
+    max_length: int = Field(4096, ge=1)
+
+    @field_validator("prior")
+    @classmethod
+    def _prior(cls, v: str) -> str:
+        resolve_prior(v)
+        return v
+
+    @field_validator("o2")
+    @classmethod
+    def _o2(cls, v: dict[str, int]) -> dict[str, int]:
+        merged = {n: f.default_o2 for n, f in FAMILIES.items()} | dict(v)
+        for name in merged:
+            get_family(name)
+        return merged
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            get_family(name)
+            if w < 0:
+                raise ValueError(f"family weight for {name} must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("family weights must not all be zero")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        for name, o2 in self.o2.items():
+            get_family(name).check_o2(o2, self.window)
+        if self.o_pt == self.o_ft:
+            raise ValueError("o_pt and o_ft must differ")
+        if abs(self.q) > self.o2["count"]:
+            raise ValueError(f"|q| = {abs(self.q)} cannot exceed o2 of count ({self.o2['count']})")
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.window + PREFIX_LEN + SUFFIX_LEN
+
+    @property
+    def max_number(self) -> int:
+        return max([self.window] + list(self.o2.values()))
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray  # (n, L) int64 token ids
+    answer: np.ndarray  # (n,) token id of the answer
+    value: np.ndarray  # (n,) raw answer (number, or terminal index for token-value)
+    value_pt: np.ndarray  # (n,) the same family's answer for operand O_PT (for the spurious-rule check)
+    family: list[str]
+    operand: list[str]
+    o2: np.ndarray
+    spurious: np.ndarray  # (n,) bool: this sample was made to satisfy the relation
+    n_edits: np.ndarray  # (n,) substitutions made by the spurious edit
+    source: list[np.ndarray] | None = None  # full sampled strings (terminal indices), before windowing/edits
+    text: np.ndarray | None = None  # (n, W) windows after edits (-1 = no token)
+    rejected: int = 0  # strings redrawn because no spurious edit existed
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+class PCFGTask:
+    def __init__(self, config: TaskConfig | None = None):
+        self.config = config or TaskConfig()
+        c = self.config
+        self.vocab = Vocab.build(c.max_number, TERMINALS)
+        self.sampler = PCFGSampler(PAPER_GRAMMAR, c.max_depth, c.max_length)
+        self.prior = np.array(resolve_prior(c.prior))
+        names = [n for n, w in c.families.items() if w > 0]
+        w = np.array([c.families[n] for n in names], dtype=float)
+        self.mix_names, self.mix_p = names, w / w.sum()
+        self.t = {t: i for i, t in enumerate(TERMINALS)}
+        v = self.vocab
+        self._sos, self._sot, self._eot, self._art, self._pad = (v.id(x) for x in (SOS, SOT, EOT, ART, PAD))
+        self._null = v.id(NULL)
+        self._term_ids = np.array([v.id(t) for t in TERMINALS])
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def answer_pos(self) -> int:
+        """Index of the answer token; the model predicts it from position ``answer_pos - 1`` (ART)."""
+        return self.seq_len - 2
+
+    # ---------------------------------------------------------------- strings
+    def _strings(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.config.short_strings == "pad":
+            return self.sampler.sample(n, rng)
+        flats, lens, got = [], [], 0
+        while got < n:
+            flat, ln = self.sampler.sample(max(n - got, 8), rng)
+            offs = np.cumsum(ln) - ln
+            keep = np.flatnonzero(ln >= self.config.window)[: n - got]
+            for i in keep:
+                flats.append(flat[offs[i] : offs[i] + ln[i]])
+            lens.append(ln[keep])
+            got += keep.size
+        return np.concatenate(flats), np.concatenate(lens)
+
+    def _windows(self, flat: np.ndarray, lens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        w = self.config.window
+        offs = np.cumsum(lens) - lens
+        m = np.minimum(lens, w)
+        start = np.floor(rng.random(lens.shape[0]) * (np.maximum(lens - w, 0) + 1)).astype(np.int64)
+        j = np.arange(w)[None, :]
+        src = offs[:, None] + start[:, None] + j - (w - m)[:, None]
+        valid = j >= (w - m)[:, None]
+        return np.where(valid, flat[np.clip(src, 0, flat.shape[0] - 1)], -1).astype(np.int8)
+
+    def draw_text(self, n: int, rng: np.random.Generator, keep_source: bool = False):
+        flat, lens = self._strings(n, rng)
+        text = self._windows(flat, lens, rng)
+        source = None
+        if keep_source:
+            offs = np.cumsum(lens) - lens
+            source = [flat[o : o + ln] for o, ln in zip(offs, lens)]
+        return text, source
+
+    # ---------------------------------------------------------------- batches
+    def sample(
+        self,
+        n: int,
+        rng: np.random.Generator,
+        family: str | None = None,
+        operand: str | None = None,
+        c: float = 0.0,
+        keep_source: bool = False,
+    ) -> Batch:
+        """n samples. ``family``/``operand`` None = drawn from the family mix / operand prior.
+        ``c`` = probability that a sample is edited to satisfy r(x, O_FT) - r(x, O_PT) = q."""
+        cfg = self.config
+        if not 0.0 <= c <= 1.0:
+            raise ValueError(f"spurious rate must be in [0, 1], got {c}")
+        if family is None:
+            fams = [self.mix_names[i] for i in rng.choice(len(self.mix_names), size=n, p=self.mix_p)]
+        else:
+            get_family(family)
+            fams = [family] * n
+        if c > 0 and any(f not in SPURIOUS_FAMILIES for f in set(fams)):
+            raise ValueError(f"a spurious correlation is defined only for {', '.join(SPURIOUS_FAMILIES)}")
+        if operand is not None and operand not in self.t:
+            raise ValueError(f"unknown operand {operand!r}; choose from {', '.join(TERMINALS)}")
+        drawn = rng.choice(len(TERMINALS), size=n, p=self.prior)
+        ops = []
+        for i, f in enumerate(fams):
+            if not FAMILIES[f].uses_operand:
+                ops.append(NULL)
+            else:
+                ops.append(operand if operand is not None else TERMINALS[drawn[i]])
+
+        text, source = self.draw_text(n, rng, keep_source)
+        spurious = rng.random(n) < c if c > 0 else np.zeros(n, dtype=bool)
+        n_edits = np.zeros(n, dtype=np.int64)
+        rejected = 0
+        o_pt, o_ft = self.t[cfg.o_pt], self.t[cfg.o_ft]
+        other = next(i for i in range(len(TERMINALS)) if i not in (o_pt, o_ft))
+        for i in np.flatnonzero(spurious):
+            fam = fams[i]
+            for _ in range(1000):
+                if fam == "count":
+                    new = edit_count(text[i], o_pt, o_ft, other, cfg.q, cfg.o2["count"], rng)
+                else:
+                    new = edit_index(text[i], o_pt, o_ft, other, cfg.q, cfg.o2[fam], rng)
+                if new is not None:
+                    break
+                rejected += 1
+                t1, s1 = self.draw_text(1, rng, keep_source)
+                text[i] = t1[0]
+                if keep_source:
+                    source[i] = s1[0]
+            else:
+                raise RuntimeError("no spurious edit found after 1000 redraws; check q and o2")
+            n_edits[i] = int((new != text[i]).sum())
+            text[i] = new
+
+        value = np.zeros(n, dtype=np.int64)
+        value_pt = np.zeros(n, dtype=np.int64)
+        o2 = np.zeros(n, dtype=np.int64)
+        answer = np.zeros(n, dtype=np.int64)
+        fam_arr = np.array(fams)
+        op_arr = np.array(ops)
+        op_tok = np.zeros(n, dtype=np.int64)
+        for fam in set(fams):
+            fobj = FAMILIES[fam]
+            k = cfg.o2[fam]
+            rows = np.flatnonzero(fam_arr == fam)
+            o2[rows] = k
+            if fobj.uses_operand:
+                value_pt[rows] = fobj.answers(text[rows], o_pt, k)
+                for op in set(op_arr[rows]):
+                    sub = rows[op_arr[rows] == op]
+                    value[sub] = fobj.answers(text[sub], self.t[op], k)
+                    op_tok[sub] = self.vocab.id(op)
+                answer[rows] = self.vocab.number_ids(value[rows])
+            else:
+                value[rows] = fobj.answers(text[rows], -1, k)
+                value_pt[rows] = value[rows]
+                op_tok[rows] = self._null
+                answer[rows] = np.where(value[rows] >= 0, self._term_ids[np.clip(value[rows], 0, None)], self._null)
+
+        fam_tok = np.array([self.vocab.id(FAMILY_TOKENS[f]) for f in fams], dtype=np.int64)
+        tokens = self._assemble(text, fam_tok, op_tok, self.vocab.number_ids(o2), answer)
+        return Batch(tokens, answer, value, value_pt, fams, ops, o2, spurious, n_edits,
+                     source, text if keep_source else None, rejected)
+
+    def _assemble(self, text, fam_tok, op_tok, o2_tok, answer) -> np.ndarray:
+        n, w = text.shape
+        text_ids = np.where(text >= 0, self._term_ids[np.clip(text, 0, None)], self._pad)
+        col = lambda v: np.broadcast_to(np.asarray(v, dtype=np.int64).reshape(-1, 1), (n, 1))  # noqa: E731
+        seq = np.concatenate(
+            [col(self._sos), col(fam_tok), col(op_tok), col(o2_tok), col(self._sot), text_ids,
+             col(self._eot), col(self._art), col(answer), col(self._sos)], axis=1,
+        )
+        if (text < 0).any():  # move PAD to the far left, keeping the order of everything else
+            order = np.argsort(seq != self._pad, axis=1, kind="stable")
+            seq = np.take_along_axis(seq, order, axis=1)
+        return seq
