@@ -4,10 +4,14 @@ The paper says only that the correlation is planted "by artificially adding the 
 the label histograms should barely move (its Fig. 16). Our edit is the **smallest Hamming edit** that makes the
 relation hold, touching only tokens that the answer depends on, at positions drawn uniformly at random:
 
-count (region = the last O' tokens). With A = #O_PT, B = #O_FT and D = B - A, we need to move D by
-Δ = q - D. A substitution O_PT -> O_FT moves D by 2, any other substitution involving O_PT or O_FT by 1, so the
-minimum is ceil(|Δ| / 2) substitutions: as many O_PT -> O_FT (Δ > 0; O_FT -> O_PT if Δ < 0) as fit, then one
-"other" -> O_FT (or O_PT -> other; mirrored for Δ < 0) for the odd unit.
+count (region = the last O' tokens). With A = #O_PT and B = #O_FT we need B = A + q. We change only
+O_FT and third-terminal tokens: D = A + q - B of the third terminal become O_FT (D > 0), or |D| O_FT tokens
+become the third terminal (D < 0). This is the smallest edit that leaves r(x, O_PT) untouched, so the O_PT
+label histogram at c = 1 is exactly the pretraining one and the O_FT histogram is that one shifted by q —
+the "small distribution shift" the paper asks for (its Fig. 16). (A Hamming-minimal edit that may also turn
+O_PT into O_FT needs half as many substitutions but, because this grammar's counts vary little, squeezes
+both histograms onto one or two classes: we measured an 81 % majority class at O' = 16 against 45 % without
+edits, so we rejected it.)
 
 index-of-occurrence (q >= 1). Let i_a be the distance of the k-th O_PT from EOT. We set the token at
 distance i_a + q to O_FT, turn any O_FT strictly between i_a and i_a + q into the third terminal, and make
@@ -33,28 +37,18 @@ def edit_count(row: np.ndarray, o_pt: int, o_ft: int, other: int, q: int, o2: in
     row = row.copy()
     start = row.shape[0] - o2
     region = row[start:]
-    a_pos = np.flatnonzero(region == o_pt) + start
+    n_pt = int((region == o_pt).sum())
     b_pos = np.flatnonzero(region == o_ft) + start
     c_pos = np.flatnonzero(region == other) + start
-    delta = q - (b_pos.size - a_pos.size)
-    if delta == 0:
-        return row
-    up = delta > 0
-    src2, dst2 = (a_pos, o_ft) if up else (b_pos, o_pt)  # moves of 2
-    need = abs(delta)
-    n2 = min(need // 2, src2.size)
-    moved2 = _pick(rng, src2, n2)
-    row[moved2] = dst2
-    rest = need - 2 * n2
-    # moves of 1: other -> O_FT (up) / other -> O_PT (down), then O_PT -> other (up) / O_FT -> other (down)
-    n_other = min(rest, c_pos.size)
-    row[_pick(rng, c_pos, n_other)] = o_ft if up else o_pt
-    rest -= n_other
-    if rest:
-        remaining = np.setdiff1d(src2, moved2)
-        if remaining.size < rest:
+    d = n_pt + q - b_pos.size
+    if d > 0:
+        if c_pos.size < d:
             return None
-        row[_pick(rng, remaining, rest)] = other
+        row[_pick(rng, c_pos, d)] = o_ft
+    elif d < 0:
+        if n_pt + q < 0:
+            return None
+        row[_pick(rng, b_pos, -d)] = other
     return row
 
 

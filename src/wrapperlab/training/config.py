@@ -1,0 +1,262 @@
+"""Typed run configuration: preset -> YAML file -> ``key=value`` overrides -> validated ``RunConfig``.
+
+Every bad value fails here, before any work, as a ``ConfigError`` whose message is one line naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wrapperlab.models.transformer import ModelConfig
+from wrapperlab.tasks.families import FAMILIES, get_family
+from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
+from wrapperlab.tasks.task import TaskConfig
+from wrapperlab.training.presets import STAGES, named_lrs, preset_dict
+
+SHORTCUTS = {
+    "lr": "train.lr", "steps": "train.steps", "c_train": "train.c_train", "c_test": "eval.c_test",
+    "prior": "task.prior", "seed": "train.seed", "batch_size": "train.batch_size", "loss": "train.loss",
+    "family": "train.family", "operand": "train.operand", "window": "task.window",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(96, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_frac: float = Field(0.2, ge=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_frac")
+    min_lr_frac: float = Field(0.0, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    loss: Literal["lm", "answer"] = "answer"
+    grad_clip: float | None = Field(1.0, gt=0)
+    family: str | None = Field(None, description="None = the pretraining family mix")
+    operand: str | None = Field(None, description="None = drawn from the operand prior")
+    c_train: float = Field(0.0, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_family(v)
+        return v
+
+    @field_validator("operand")
+    @classmethod
+    def _operand(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("a", "b", "c"):
+            raise ValueError(f"unknown operand {v!r}; choose from a, b, c")
+        return v
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_frac * self.steps))
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(100, ge=1, description="evaluate (and checkpoint) every N steps")
+    n: int = Field(1000, ge=1, description="samples per evaluation set")
+    c_test: list[float] = Field(default_factory=lambda: [0.0, 1.0])
+    family: str | None = Field(None, description="family of the O_PT/O_FT columns (default: the stage's)")
+    all_families: bool | None = Field(None, description="also report every family (default: pretrain only)")
+    seed: int = Field(12345, ge=0)
+
+    @field_validator("c_test", mode="before")
+    @classmethod
+    def _c_test(cls, v: Any) -> list[float]:
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        out = []
+        for x in vals:
+            x = float(x)
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"c_test values must be in [0, 1], got {x}")
+            out.append(x)
+        return out
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_family(v)
+        return v
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["pretrain", "finetune", "reft", "scratch", "scratch+ft"]
+    preset: str = "cpu"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parent: str | None = Field(None, description="run directory this stage starts from")
+    device: str = "cpu"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        t = self.train
+        if self.stage in ("finetune", "reft", "scratch+ft") and not self.parent:
+            need = {"finetune": "a finished pretrain run", "reft": "a finished finetune run",
+                    "scratch+ft": "a finished scratch run"}[self.stage]
+            raise ValueError(f"parent: {self.stage} needs parent=RUN_DIR ({need})")
+        if self.stage == "pretrain" and self.parent:
+            raise ValueError("parent: pretrain starts from scratch; remove parent=")
+        if t.c_train > 0 and t.family not in SPURIOUS_FAMILIES:
+            raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
+        if self.train.loss == "lm" and self.stage != "pretrain" and t.family is not None:
+            pass  # allowed: LM loss on single-task data
+        return self
+
+    # identity: everything that changes the result (not device/threads)
+    def identity(self) -> dict:
+        d = self.model_dump(mode="json")
+        d.pop("device")
+        d.pop("threads")
+        return d
+
+    def run_id(self, parent_id: str | None = None) -> str:
+        blob = json.dumps({"config": self.identity(), "parent": parent_id}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def eval_family(self) -> str:
+        return self.eval.family or self.train.family or "count"
+
+    @property
+    def report_all_families(self) -> bool:
+        return self.eval.all_families if self.eval.all_families is not None else self.stage == "pretrain"
+
+
+# ----------------------------------------------------------------------------- building a config
+def parse_value(text: str) -> Any:
+    """Parse an override value: numbers (1e-5 included), booleans, null, lists, or a plain string."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, list):
+        return [parse_value(str(x)) if isinstance(x, str) else x for x in v]
+    return v
+
+
+def set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-5, task.window=64)")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        set_path(out, SHORTCUTS.get(key, key), parse_value(raw.strip()))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{loc or 'config'}: {msg}{shown}"
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def build_config(stage: str, preset: str = "cpu", file: str | None = None, overrides: list[str] = (),
+                 extra: dict | None = None) -> dict:
+    """Merge preset, file and overrides into a raw dict (named LRs resolved). Validation is separate because
+    the child stages first inherit task/model settings from their parent run."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    try:
+        raw = preset_dict(preset, stage)
+    except ValueError as e:
+        raise ConfigError(f"preset: {e}") from None
+    if file:
+        filed = load_yaml(file)
+        if filed.get("stage", stage) != stage:
+            raise ConfigError(f"stage: file {file!r} is for stage {filed['stage']!r}, not {stage!r}")
+        raw = deep_merge(raw, filed)
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    if extra:
+        raw = deep_merge(raw, extra)
+    lr = raw.get("train", {}).get("lr")
+    if isinstance(lr, str):
+        table = named_lrs(raw.get("preset", preset))
+        if lr not in table:
+            raise ConfigError(f"train.lr: {lr!r} is neither a number nor one of {', '.join(table)}")
+        raw["train"]["lr"] = table[lr]
+    return raw
+
+
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "EvalConfig", "build_config", "validate", "FAMILIES"]

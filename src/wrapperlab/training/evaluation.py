@@ -1,0 +1,89 @@
+"""Behavioural accuracy on fixed, seeded evaluation sets (paper.md §5.5: the columns of Tables 5–8).
+
+For the stage's family F: accuracy on O_PT and O_FT at every c_test (default 0 and 1). For pretraining also each
+of the five families on operands a and b at c_test = 0. Every accuracy comes with its majority-class rate (always
+answering the set's most common answer) and, for O_FT sets, ``follows_spurious``: the fraction of answers equal to
+r(x, O_PT) + q — the signature of a model that learned the spurious rule instead of counting O_FT.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wrapperlab.tasks.families import FAMILIES
+from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
+from wrapperlab.tasks.task import Batch, PCFGTask
+
+
+@dataclass
+class EvalSet:
+    family: str
+    operand: str
+    c_test: float
+    batch: Batch
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.operand}/c{self.c_test:g}"
+
+
+def build_eval_sets(task: PCFGTask, family: str, c_tests: list[float], n: int, seed: int,
+                    all_families: bool = False) -> list[EvalSet]:
+    cfg = task.config
+    specs: list[tuple[str, str | None, float]] = []
+    for op in (cfg.o_pt, cfg.o_ft):
+        for c in c_tests:
+            if c > 0 and family not in SPURIOUS_FAMILIES:
+                continue
+            specs.append((family, op, c))
+    if all_families:
+        for fam, f in FAMILIES.items():
+            for op in ((cfg.o_pt, cfg.o_ft) if f.uses_operand else (None,)):
+                if (fam, op, 0.0) not in specs:
+                    specs.append((fam, op, 0.0))
+    sets = []
+    for fam, op, c in specs:
+        rng = np.random.default_rng([seed, zlib.crc32(f"{fam}/{op}/{c:g}".encode())])
+        b = task.sample(n, rng, family=fam, operand=op, c=c)
+        sets.append(EvalSet(fam, op or "_", c, b))
+    return sets
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tokens: np.ndarray, answer_pos: int, device: str = "cpu",
+            batch_size: int = 512) -> np.ndarray:
+    """Argmax token id the model predicts for the answer slot (from the ART position)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        x = torch.from_numpy(tokens[i : i + batch_size, :answer_pos]).to(device)
+        out.append(model(x, positions=-1).argmax(-1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def majority_rate(answers: np.ndarray) -> float:
+    _, counts = np.unique(answers, return_counts=True)
+    return float(counts.max() / answers.shape[0])
+
+
+def evaluate_sets(model: torch.nn.Module, task: PCFGTask, sets: list[EvalSet], device: str = "cpu") -> list[dict]:
+    rows = []
+    cfg = task.config
+    for s in sets:
+        b = s.batch
+        pred = predict(model, b.tokens, task.answer_pos, device)
+        row = {"family": s.family, "operand": s.operand, "c_test": s.c_test,
+               "acc": float((pred == b.answer).mean()), "majority": majority_rate(b.answer), "n": len(b)}
+        if s.operand == cfg.o_ft and s.family in SPURIOUS_FAMILIES:
+            target = b.value_pt + cfg.q
+            ok = (target >= 0) & (target <= cfg.max_number)
+            spur = np.where(ok, target, 0) + task.vocab.id("0")
+            row["follows_spurious"] = float(((pred == spur) & ok).mean())
+        rows.append(row)
+    return rows

@@ -1,0 +1,83 @@
+"""Presets: ``paper`` (the paper's scale, exactly as paper.md states it) and ``cpu`` (this 2-core machine).
+
+paper (paper.md §2.6–2.7): window 250, O' = 40 (count, count-composition, token-value) and 6 (index families),
+minGPT 6 layers x 6 heads x d 192; pretraining AdamW 1e-3, 20 % warmup + cosine, full next-token loss, 200K
+steps (batch size, betas and weight decay are not given: we use batch 96, betas (0.9, 0.95), weight decay 0.1 —
+minGPT's defaults); fine-tuning AdamW, batch 96, 10K steps, 20 % warmup, cosine to max/100, eta_L/M/S =
+1e-4/1e-5/1e-6; reFT the same recipe at a smaller LR (eta_S by default).
+
+cpu: chosen by measurement on this machine (see README "Presets" and the issue-2 closing note): window 64,
+O' = 16 for the count-like families and 6 for the index families, a 0.36M-parameter model (d 96, 3 layers,
+4 heads). Pretraining uses the answer-only loss because full next-token loss converged ~3x slower at this scale
+(the paper's objective is one override away: ``train.loss=lm``). Fine-tuning runs far fewer steps than the
+paper's 10K, so the named LRs are scaled to keep LR x steps (the total distance Adam can move) equal to the
+paper's: eta_X(cpu) = eta_X(paper) x 10000 / cpu fine-tuning steps.
+
+A learning rate may be given by name (``lr=L``, ``lr=M``, ``lr=S``, ``lr=VS``); the preset resolves it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+STAGES = ("pretrain", "finetune", "reft", "scratch", "scratch+ft")
+
+_FT_COMMON = {"family": "count", "c_train": 0.0, "loss": "answer", "warmup_frac": 0.2, "min_lr_frac": 0.01}
+
+PAPER = {
+    "lrs": {"L": 1e-4, "M": 1e-5, "S": 1e-6, "VS": 1e-7},
+    "task": {"window": 250},
+    "model": {"d_model": 192, "n_layer": 6, "n_head": 6},
+    "eval": {"every": 1000, "n": 2000},
+    "stages": {
+        "pretrain": {"train": {"steps": 200_000, "batch_size": 96, "lr": 1e-3, "loss": "lm",
+                               "warmup_frac": 0.2, "min_lr_frac": 0.0}},
+        "finetune": {"train": {**_FT_COMMON, "steps": 10_000, "batch_size": 96, "lr": "M"}},
+        "reft": {"train": {**_FT_COMMON, "steps": 10_000, "batch_size": 96, "lr": "S"}},
+        "scratch": {"train": {"family": "count", "loss": "answer", "steps": 10_000, "batch_size": 96,
+                              "lr": 1e-3, "warmup_frac": 0.2, "min_lr_frac": 0.0}},
+        "scratch+ft": {"train": {**_FT_COMMON, "steps": 10_000, "batch_size": 96, "lr": "M"}},
+    },
+}
+
+_CPU_FT_STEPS = 500
+_scale = 10_000 / _CPU_FT_STEPS
+CPU = {
+    "lrs": {k: v * _scale for k, v in PAPER["lrs"].items()},
+    "task": {"window": 64, "o2": {"count": 16, "count-composition": 16, "token-value": 16,
+                                  "index-of-occurrence": 6, "index-of-composition": 6}},
+    "model": {"d_model": 96, "n_layer": 3, "n_head": 4},
+    "eval": {"every": 100, "n": 1000},
+    "stages": {
+        "pretrain": {"train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "loss": "answer",
+                               "warmup_frac": 0.05, "min_lr_frac": 0.0}},
+        "finetune": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"},
+                     "eval": {"every": 25}},
+        "reft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "S"},
+                 "eval": {"every": 25}},
+        "scratch": {"train": {"family": "count", "loss": "answer", "steps": 1500, "batch_size": 64,
+                              "lr": 3e-3, "warmup_frac": 0.05, "min_lr_frac": 0.0}, "eval": {"every": 50}},
+        "scratch+ft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"},
+                       "eval": {"every": 25}},
+    },
+}
+
+PRESETS = {"paper": PAPER, "cpu": CPU}
+
+
+def preset_dict(preset: str, stage: str) -> dict:
+    """The preset's nested config for one stage (without the ``lrs`` table)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    p = PRESETS[preset]
+    out = {"stage": stage, "preset": preset, "task": copy.deepcopy(p["task"]),
+           "model": copy.deepcopy(p["model"]), "eval": copy.deepcopy(p["eval"])}
+    for section, values in copy.deepcopy(p["stages"][stage]).items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def named_lrs(preset: str) -> dict[str, float]:
+    return dict(PRESETS[preset]["lrs"])

@@ -1,0 +1,260 @@
+"""One training loop for every stage (paper.md §2.7): pretrain, finetune, reft, scratch, scratch+ft.
+
+Stages differ only in settings (init, data, loss, optimizer, schedule) — see ``presets.py``:
+- pretrain: from scratch, fresh data every step from the family mix and operand prior, next-token loss (paper)
+  or answer-only loss.
+- finetune: from a finished pretrain run, one (family, O_FT) pair, spurious rate ``c_train``, answer-only loss.
+- reft: from a finished finetune run, back on the pretraining task (family, O_PT), at an LR smaller than the
+  fine-tuning LR (enforced: paper.md §2.7 makes it a rule).
+- scratch: from scratch on one (family, operand) pair (the paper's Scr. baseline; with operand=O_FT it is the
+  starting point of Scr.+FT).
+- scratch+ft: from a finished scratch run, fine-tuned on (family, O_PT) exactly like reft (paper's Scr.+FT).
+
+Determinism and exact resume: the batch of step s is drawn from ``np.random.default_rng([seed, s])``, the
+LR is a function of s, and the checkpoint holds the optimizer state, so rerunning an interrupted command
+continues bit-identically from the last checkpoint (taken at every evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wrapperlab.models.transformer import Transformer
+from wrapperlab.tasks.task import PCFGTask
+from wrapperlab.training import checkpoint as ck
+from wrapperlab.training.config import ConfigError, RunConfig, validate
+from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
+from wrapperlab.training.schedules import lr_at
+
+PARENT_STAGE = {"finetune": ("pretrain",), "reft": ("finetune",), "scratch+ft": ("scratch",)}
+
+
+def default_run_dir(cfg: RunConfig, parent_id: str | None, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{cfg.stage.replace('+', '-')}-{cfg.run_id(parent_id)}"
+
+
+def parent_info(parent: str | None) -> dict | None:
+    if not parent:
+        return None
+    side = ck.read_sidecar(parent)
+    if side.get("status") != "done":
+        raise ConfigError(f"parent: run {parent} is not finished (status {side.get('status')!r})")
+    return side
+
+
+def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
+    """Validate a raw config, inheriting task/model from the parent run (whose shapes cannot change)."""
+    parent = parent_info(raw.get("parent"))
+    if parent is not None:
+        pcfg = parent["config"]
+        merged = dict(raw)
+        merged["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
+                                             if k in ("q", "o_pt", "o_ft", "prior", "families")}}
+        for k in ("window", "o2"):
+            if k in raw.get("task", {}) and raw["task"][k] != pcfg["task"][k] and k in raw.get("_explicit_task", ()):
+                raise ConfigError(f"task.{k}: cannot change on a stage that starts from a trained model")
+        merged["model"] = pcfg["model"]
+        merged.pop("_explicit_task", None)
+        cfg = validate(merged)
+        allowed = PARENT_STAGE.get(cfg.stage, ())
+        if parent["config"]["stage"] not in allowed:
+            raise ConfigError(f"parent: a {cfg.stage} run starts from a {' or '.join(allowed)} run, "
+                              f"not {parent['config']['stage']}")
+        if cfg.stage in ("reft", "scratch+ft") and cfg.stage == "reft":
+            plr = parent["config"]["train"]["lr"]
+            if cfg.train.lr >= plr:
+                raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
+                                  f"fine-tuning LR ({plr:g}) (paper.md §2.7)")
+    else:
+        raw = {k: v for k, v in raw.items() if k != "_explicit_task"}
+        cfg = validate(raw)
+    # the operand each stage trains on, when not given
+    if cfg.stage != "pretrain" and cfg.train.operand is None:
+        cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
+    if cfg.stage != "pretrain" and cfg.train.family is None:
+        cfg.train.family = "count"
+    return cfg, parent
+
+
+def build_model(cfg: RunConfig, task: PCFGTask) -> Transformer:
+    mc = cfg.model.model_copy(update={"vocab_size": len(task.vocab), "seq_len": task.seq_len})
+    return Transformer(mc)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+
+
+def compute_loss(model: Transformer, tokens: torch.Tensor, answer: torch.Tensor, kind: str,
+                 answer_pos: int, pad_id: int) -> torch.Tensor:
+    if kind == "answer":
+        logits = model(tokens[:, :answer_pos], positions=-1)
+        return F.cross_entropy(logits, answer)
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inp)
+    tgt = tgt.masked_fill((tgt == pad_id) | (inp == pad_id), -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+
+
+class Stage:
+    """A configured stage bound to a run directory. ``run()`` trains (or resumes, or returns if done)."""
+
+    def __init__(self, cfg: RunConfig, parent: dict | None, run_dir: str | Path | None = None):
+        self.cfg, self.parent = cfg, parent
+        self.parent_id = parent["run_id"] if parent else None
+        self.run_id = cfg.run_id(self.parent_id)
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, self.parent_id)
+        self.task = PCFGTask(cfg.task)
+
+    # ------------------------------------------------------------------ state
+    def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
+        torch.manual_seed(self.cfg.train.seed)
+        model = build_model(self.cfg, self.task)
+        if self.parent is not None:
+            _, tensors = ck.load_tensors(self.cfg.parent, self.parent)
+            ck.load_model_state(model, ck.split_prefix(tensors, "model"), f"parent {self.cfg.parent}")
+        model.to(self.cfg.device)
+        return model, make_optimizer(model, self.cfg), 0, []
+
+    def _resume(self, side: dict) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
+        _, tensors = ck.load_tensors(self.run_dir, side)
+        model = build_model(self.cfg, self.task)
+        ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(self.run_dir))
+        model.to(self.cfg.device)
+        opt = make_optimizer(model, self.cfg)
+        ck.load_optimizer(opt, ck.split_prefix(tensors, "optim"), side["optim_groups"])
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        return model, opt, int(side["step"]), list(side.get("metrics", []))
+
+    def existing(self) -> dict | None:
+        if not (self.run_dir / ck.SIDECAR).is_file():
+            return None
+        side = ck.read_sidecar(self.run_dir)
+        if side.get("run_id") != self.run_id:
+            raise ConfigError(f"out: {self.run_dir} holds a different run ({side.get('run_id')}); "
+                              f"choose another --out or delete it")
+        return side
+
+    def _save(self, model, opt, step, metrics, status, wall) -> dict:
+        otensors, groups = ck.optimizer_tensors(opt)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors |= {f"optim.{k}": v for k, v in otensors.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        side = {"run_id": self.run_id, "stage": self.cfg.stage, "status": status,
+                "config": self.cfg.model_dump(mode="json"), "parent": self.cfg.parent,
+                "parent_id": self.parent_id, "optim_groups": groups, "metrics": metrics,
+                "wall_s": round(wall, 2), "steps": self.cfg.train.steps}
+        return ck.save_checkpoint(self.run_dir, step, tensors, side)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        side = self.existing()
+        if side and side.get("status") == "done":
+            return side
+        model, opt, step, metrics = self._resume(side) if side else self._fresh()
+        wall0 = float(side.get("wall_s", 0.0)) if side else 0.0
+        sets = build_eval_sets(self.task, cfg.eval_family, cfg.eval.c_test, cfg.eval.n, cfg.eval.seed,
+                               cfg.report_all_families)
+        log = log or (lambda s: None)
+
+        def do_eval(at: int) -> None:
+            rows = evaluate_sets(model, self.task, sets, cfg.device)
+            for r in rows:
+                r["step"] = at
+            metrics.extend(rows)
+            log(_eval_line(at, rows, self.task))
+
+        t0 = time.perf_counter()
+        if step == 0 and not metrics:
+            do_eval(0)
+        pad, apos = self.task.vocab.pad_id, self.task.answer_pos
+        bar = _Bar(progress, t.steps, step, f"{cfg.stage}")
+        model.train()
+        status = "running"
+        try:
+            while step < t.steps:
+                lr = lr_at(step, t.steps, t.lr, t.warmup, t.min_lr_frac, t.schedule)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
+                                         operand=t.operand, c=t.c_train)
+                tokens = torch.from_numpy(batch.tokens).to(cfg.device)
+                answer = torch.from_numpy(batch.answer).to(cfg.device)
+                loss = compute_loss(model, tokens, answer, t.loss, apos, pad)
+                if not math.isfinite(loss.item()):
+                    status = "diverged"
+                    log(f"step {step}: loss is {loss.item()}; stopping (last good checkpoint kept)")
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                step += 1
+                bar.update(step, loss.item())
+                if step % cfg.eval.every == 0 or step == t.steps:
+                    do_eval(step)
+                    st = "done" if step == t.steps else "running"
+                    side = self._save(model, opt, step, metrics, st, wall0 + time.perf_counter() - t0)
+        finally:
+            bar.close()
+        if status == "diverged":
+            side = ck.read_sidecar(self.run_dir) if (self.run_dir / ck.SIDECAR).exists() else {}
+            if side:
+                side["status"] = "diverged"
+                ck.atomic_write_text(self.run_dir / ck.SIDECAR, json.dumps(side, indent=1))
+        return side
+
+
+def _eval_line(step: int, rows: list[dict], task: PCFGTask) -> str:
+    o_pt, o_ft = task.config.o_pt, task.config.o_ft
+    parts = []
+    for r in rows[:4]:
+        parts.append(f"{r['family'][:5]}/{r['operand']}/c{r['c_test']:g} {100 * r['acc']:.1f}%"
+                     f" (maj {100 * r['majority']:.0f}%)")
+    extra = len(rows) - 4
+    more = f" +{extra} sets" if extra > 0 else ""
+    return f"step {step:>6}: " + " | ".join(parts) + more + f"  [O_PT={o_pt}, O_FT={o_ft}]"
+
+
+class _Bar:
+    """rich progress bar with ETA (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, desc: str):
+        self.p = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            from rich.console import Console
+            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                              TimeRemainingColumn(), transient=False,
+                              console=Console(stderr=True))
+            self.p.start()
+            self.t = self.p.add_task(desc, total=total, completed=start, loss="-")
+
+    def update(self, step: int, loss: float) -> None:
+        if self.p is not None:
+            self.p.update(self.t, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
