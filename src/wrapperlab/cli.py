@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,8 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "Pretrain on PCFG tasks, fine-tune under the paper's protocols, reverse-fine-tune, evaluate.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the procedurally generated PCFG data.")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(width=None if sys.stdout.isatty() else 240)  # tables stay unwrapped in pipes
 
 
 class UserError(Exception):
@@ -29,7 +28,7 @@ class UserError(Exception):
 
 
 def _fail(msg: str) -> None:
-    err.print(f"error: {msg}", markup=False, highlight=False)
+    print(f"error: {' '.join(msg.split())}", file=sys.stderr)
     raise typer.Exit(2)
 
 
@@ -127,11 +126,11 @@ def _metrics_table(rows: list[dict], title: str) -> None:
 
 def _stage_command(stage: str):
     def cmd(
-        args: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP, show_default=False),
+        args: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP, show_default=False),
         preset: str = typer.Option("cpu", help="cpu (this machine, minutes) or paper (the paper's scale)"),
-        out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<stage>-<id>)"),
-        device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]"),
-        threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
+        out_dir: Path | None = typer.Option(None, "--out", help="run directory (default runs/<stage>-<id>)"),
+        device: str | None = typer.Option(None, help="cpu or cuda[:N]"),
+        threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
         as_json: bool = typer.Option(False, "--json", help="print the final summary as one JSON object"),
         progress: bool = typer.Option(True, help="show a progress bar with ETA"),
     ) -> None:
@@ -147,11 +146,11 @@ for _stage in STAGE_HELP:
 
 @app.command()
 def evaluate(
-    run: Optional[Path] = typer.Argument(None, help="run directory to evaluate"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="same as RUN"),
-    c_test: Optional[list[float]] = typer.Option(None, "--c-test", help="spurious rate(s) of the test sets"),
-    n: Optional[int] = typer.Option(None, help="samples per test set"),
-    all_families: Optional[bool] = typer.Option(None, "--all-families/--stage-family",
+    run: Path | None = typer.Argument(None, help="run directory to evaluate"),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="same as RUN"),
+    c_test: list[float] | None = typer.Option(None, "--c-test", help="spurious rate(s) of the test sets"),
+    n: int | None = typer.Option(None, help="samples per test set"),
+    all_families: bool | None = typer.Option(None, "--all-families/--stage-family",
                                                 help="report every family (default: pretrain runs only)"),
     table: bool = typer.Option(False, "--table", help="print the Table-5-shaped grid of the fine-tuning runs "
                                                       "under --runs beside the paper's numbers"),
@@ -242,10 +241,10 @@ def _task_from(preset: str, overrides: list[str]):
 
 @data_app.command("sample")
 def data_sample(
-    overrides: Optional[list[str]] = typer.Argument(None, help="task overrides, e.g. task.window=64 prior=high"),
-    family: Optional[str] = typer.Option(None, help="count | count-composition | index-of-occurrence | "
+    overrides: list[str] | None = typer.Argument(None, help="task overrides, e.g. task.window=64 prior=high"),
+    family: str | None = typer.Option(None, help="count | count-composition | index-of-occurrence | "
                                                     "index-of-composition | token-value (default: the mix)"),
-    operand: Optional[str] = typer.Option(None, help="a | b | c (default: drawn from the prior)"),
+    operand: str | None = typer.Option(None, help="a | b | c (default: drawn from the prior)"),
     n: int = typer.Option(5, help="number of samples"),
     c_test: float = typer.Option(0.0, "--c-test", help="probability of the spurious edit"),
     seed: int = typer.Option(0),
@@ -287,13 +286,13 @@ def data_sample(
 
 @data_app.command("spurious")
 def data_spurious(
-    overrides: Optional[list[str]] = typer.Argument(None, help="task overrides, e.g. task.o2.count=16"),
+    overrides: list[str] | None = typer.Argument(None, help="task overrides, e.g. task.o2.count=16"),
     family: str = typer.Option("count", help="count or index-of-occurrence"),
     c: list[float] = typer.Option([0.0, 0.5, 0.8, 1.0], "--c", help="spurious rates to report"),
     n: int = typer.Option(5000, help="samples per setting"),
     seed: int = typer.Option(0),
     preset: str = typer.Option("paper"),
-    png: Optional[Path] = typer.Option(None, help="also draw the label histograms (paper Fig. 16) to this PNG"),
+    png: Path | None = typer.Option(None, help="also draw the label histograms (paper Fig. 16) to this PNG"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Realised spurious rate and label histograms of O_PT and O_FT per c (the paper's Fig. 16)."""
@@ -374,7 +373,7 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 

@@ -7,6 +7,15 @@ from wrapperlab.tasks.task import Batch, PCFGTask, TaskConfig
 from wrapperlab.tasks.vocab import Vocab
 
 __all__ = [
-    "FAMILIES", "Family", "PAPER_GRAMMAR", "Grammar", "PCFGSampler", "PRIORS", "resolve_prior",
-    "Batch", "PCFGTask", "TaskConfig", "Vocab",
+    "FAMILIES",
+    "PAPER_GRAMMAR",
+    "PRIORS",
+    "Batch",
+    "Family",
+    "Grammar",
+    "PCFGSampler",
+    "PCFGTask",
+    "TaskConfig",
+    "Vocab",
+    "resolve_prior",
 ]

@@ -259,4 +259,4 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
     return raw
 
 
-__all__ = ["ConfigError", "RunConfig", "TrainConfig", "EvalConfig", "build_config", "validate", "FAMILIES"]
+__all__ = ["FAMILIES", "ConfigError", "EvalConfig", "RunConfig", "TrainConfig", "build_config", "validate"]

@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A tiny configuration that trains in seconds: every stage test and CLI test builds on it.
+TINY = ["task.window=32", "model.d_model=32", "model.n_layer=1", "model.n_head=2", "batch_size=8",
+        "eval.n=40", "threads=1"]
+
+
+def wl(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the wrapperlab CLI the way a user does: a subprocess of the installed console entry point."""
+    env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "wrapperlab.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """A finished tiny pretraining run (answer loss), shared by tests that need a parent."""
+    out = tmp_path_factory.mktemp("runs") / "pt"
+    r = wl("pretrain", "--preset", "cpu", *TINY, "steps=30", "eval.every=15", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return out
