@@ -459,11 +459,6 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.xfail(
-    reason="task.py: TaskConfig accepts short_strings='reject' with a window longer than any derivation "
-    "(max 432), and PCFGTask._strings then loops forever",
-    strict=True,
-)
 def test_reject_mode_with_unfillable_window_fails_fast():
     try:
         task = make_task(max(length_distribution()) + 1, short_strings="reject")
@@ -632,8 +627,6 @@ def test_bad_priors_raise(bad):
         resolve_prior(bad)
 
 
-@pytest.mark.xfail(reason="priors.resolve_prior: abs(sum - 1) > 1e-6 is False for NaN, so NaN priors pass",
-                   strict=True)
 def test_nan_prior_raises():
     with pytest.raises(ValueError):
         resolve_prior("nan,0.5,0.5")
@@ -715,8 +708,6 @@ def test_invalid_config_raises(kwargs):
         TaskConfig(**kwargs)
 
 
-@pytest.mark.xfail(reason="task.py: the prior and family-weight validators let NaN through (NaN < 0 and "
-                   "sum <= 0 are False); sampling then fails inside numpy", strict=True)
 @pytest.mark.parametrize("kwargs", [{"prior": "nan,0.5,0.5"}, {"families": {"count": float("nan")}}])
 def test_nan_config_values_raise(kwargs):
     with pytest.raises(ValidationError):

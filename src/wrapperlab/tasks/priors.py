@@ -8,6 +8,8 @@ low (0.999, 0.001, 0), medium (0.9, 0.1, 0), high (0.5, 0.3, 0.2). The appendix'
 
 from __future__ import annotations
 
+import math
+
 PRIORS: dict[str, tuple[float, float, float]] = {
     "low": (0.999, 0.001, 0.0),
     "medium-low": (0.99, 0.01, 0.0),
@@ -33,7 +35,7 @@ def resolve_prior(prior: str | tuple[float, ...] | list[float], n_operands: int 
         probs = tuple(float(x) for x in prior)
     if len(probs) != n_operands:
         raise ValueError(f"prior needs {n_operands} probabilities (one per operand), got {len(probs)}")
-    if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+    if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
         raise ValueError(f"prior probabilities must be >= 0 and sum to 1, got {probs}")
     return probs
 

@@ -15,8 +15,10 @@ edits, so we rejected it.)
 
 index-of-occurrence (q >= 1). Let i_a be the distance of the k-th O_PT from EOT. We set the token at
 distance i_a + q to O_FT, turn any O_FT strictly between i_a and i_a + q into the third terminal, and make
-exactly k - 1 O_FT among distances 1..i_a - 1 by switching O_FT <-> third terminal (O_PT tokens are never
-touched, so r(x, O_PT) is unchanged). This is the minimal edit that keeps r(x, O_PT) fixed.
+exactly k - 1 O_FT among distances 1..i_a - 1 by switching O_FT <-> third terminal. No O_PT token at distance
+<= i_a is touched, so r(x, O_PT) is unchanged; the token at i_a + q may itself have been O_PT (it lies beyond the
+k-th occurrence, so the answer does not move, but the window's O_PT count does). This is the minimal edit that
+keeps r(x, O_PT) fixed.
 
 If no such edit exists for a string (e.g. O_PT occurs fewer than k times), the caller draws a fresh string
 (rejection) — documented in ``task.py`` and counted in the spurious report.

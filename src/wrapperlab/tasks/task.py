@@ -14,6 +14,7 @@ Full-LM loss never predicts PAD or predicts from PAD.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,8 +71,8 @@ class TaskConfig(BaseModel):
     def _families(cls, v: dict[str, float]) -> dict[str, float]:
         for name, w in v.items():
             get_family(name)
-            if w < 0:
-                raise ValueError(f"family weight for {name} must be >= 0")
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"family weight for {name} must be a finite number >= 0, got {w}")
         if sum(v.values()) <= 0:
             raise ValueError("family weights must not all be zero")
         return v
@@ -145,7 +146,9 @@ class PCFGTask:
         if self.config.short_strings == "pad":
             return self.sampler.sample(n, rng)
         flats, lens, got = [], [], 0
-        while got < n:
+        for _ in range(1000):
+            if got >= n:
+                break
             flat, ln = self.sampler.sample(max(n - got, 8), rng)
             offs = np.cumsum(ln) - ln
             keep = np.flatnonzero(ln >= self.config.window)[: n - got]
@@ -153,6 +156,9 @@ class PCFGTask:
                 flats.append(flat[offs[i] : offs[i] + ln[i]])
             lens.append(ln[keep])
             got += keep.size
+        else:
+            raise RuntimeError(f"short_strings='reject': only {got} of {n} strings reached the window of "
+                               f"{self.config.window} tokens after 1000 rounds; use a smaller window or 'pad'")
         return np.concatenate(flats), np.concatenate(lens)
 
     def _windows(self, flat: np.ndarray, lens: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -49,18 +49,15 @@ CPU = {
     "task": {"window": 64, "o2": {"count": 16, "count-composition": 16, "token-value": 16,
                                   "index-of-occurrence": 6, "index-of-composition": 2}},
     "model": {"d_model": 96, "n_layer": 3, "n_head": 4},
-    "eval": {"every": 100, "n": 1000},
+    "eval": {"every": 50, "n": 500},
     "stages": {
-        "pretrain": {"train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "loss": "answer",
+        "pretrain": {"eval": {"every": 250}, "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "loss": "answer",
                                "warmup_frac": 0.05, "min_lr_frac": 0.0}},
-        "finetune": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"},
-                     "eval": {"every": 25}},
-        "reft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "S"},
-                 "eval": {"every": 25}},
+        "finetune": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"}},
+        "reft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "S"}},
         "scratch": {"train": {"family": "count", "loss": "answer", "steps": 1500, "batch_size": 64,
                               "lr": 3e-3, "warmup_frac": 0.05, "min_lr_frac": 0.0}, "eval": {"every": 50}},
-        "scratch+ft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"},
-                       "eval": {"every": 25}},
+        "scratch+ft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"}},
     },
 }
 
