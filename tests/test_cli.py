@@ -175,3 +175,18 @@ def test_kill_then_rerun_is_bit_identical(tmp_path):
     wb = load_file(str(killed / b["checkpoint"]["file"]))
     assert all(__import__("torch").equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
     assert a["metrics"] == b["metrics"]
+
+
+def test_sampling_benchmark_prints_json_and_sampling_outpaces_training():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+    r = subprocess.run([sys.executable, str(script), "--repeats", "2", "--train-steps", "1", "--preset", "cpu",
+                        "--window", "64"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["window"] == 64 and rep["seq_len"] == 73
+    # issue 2: sampling must never be what training waits on (>= 10x is issue 7's target)
+    assert rep["ratio_mix"] > 10 and rep["ratio_finetune"] > 10

@@ -14,7 +14,9 @@ from wrapperlab.training.stage import build_model, compute_loss
 
 
 def make(stage, *overrides, parent=None, preset="cpu"):
-    ov = list(TINY) + list(overrides) + ([f"parent={parent}"] if parent else [])
+    """Tiny shapes for stages that start from scratch; a child stage inherits them from its parent."""
+    base = [o for o in TINY if not parent or not o.startswith(("model.", "task."))]
+    ov = base + list(overrides) + ([f"parent={parent}"] if parent else [])
     return resolve(build_config(stage, preset, overrides=ov))
 
 
@@ -171,3 +173,12 @@ def test_training_batches_depend_only_on_seed_and_step():
     b = st.task.sample(8, np.random.default_rng([0, 5]))
     c = st.task.sample(8, np.random.default_rng([0, 6]))
     assert np.array_equal(a.tokens, b.tokens) and not np.array_equal(a.tokens, c.tokens)
+
+
+def test_child_stage_refuses_shape_changes_but_takes_allowed_task_keys(pretrained):
+    with pytest.raises(ConfigError, match="task.window"):
+        resolve(build_config("finetune", "cpu", overrides=[f"parent={pretrained}", "task.window=48"]))
+    with pytest.raises(ConfigError, match="model.d_model"):
+        resolve(build_config("finetune", "cpu", overrides=[f"parent={pretrained}", "model.d_model=64"]))
+    cfg, _ = resolve(build_config("finetune", "cpu", overrides=[f"parent={pretrained}", "task.q=2"]))
+    assert cfg.task.q == 2 and cfg.task.window == 32  # q taken, the window inherited from the parent

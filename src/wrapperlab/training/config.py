@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
 
+def _known_family(v: str | None) -> str | None:
+    if v is not None:
+        get_family(v)
+    return v
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,12 +57,7 @@ class TrainConfig(BaseModel):
     c_train: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0)
 
-    @field_validator("family")
-    @classmethod
-    def _family(cls, v: str | None) -> str | None:
-        if v is not None:
-            get_family(v)
-        return v
+    _family = field_validator("family")(classmethod(lambda cls, v: _known_family(v)))
 
     @field_validator("operand")
     @classmethod
@@ -92,12 +93,7 @@ class EvalConfig(BaseModel):
             out.append(x)
         return out
 
-    @field_validator("family")
-    @classmethod
-    def _family(cls, v: str | None) -> str | None:
-        if v is not None:
-            get_family(v)
-        return v
+    _family = field_validator("family")(classmethod(lambda cls, v: _known_family(v)))
 
 
 class RunConfig(BaseModel):
@@ -203,6 +199,14 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        keys.extend(_flat_keys(v, name + ".") if isinstance(v, dict) and v else [name])
+    return keys
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -247,7 +251,11 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
         if filed.get("stage", stage) != stage:
             raise ConfigError(f"stage: file {file!r} is for stage {filed['stage']!r}, not {stage!r}")
         raw = deep_merge(raw, filed)
-    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    user = parse_overrides(list(overrides))
+    raw = deep_merge(raw, user)
+    if file:
+        user = deep_merge(filed, user)
+    raw["_explicit"] = sorted(_flat_keys(user))
     if extra:
         raw = deep_merge(raw, extra)
     lr = raw.get("train", {}).get("lr")

@@ -51,7 +51,7 @@ CPU = {
     "model": {"d_model": 96, "n_layer": 3, "n_head": 4},
     "eval": {"every": 50, "n": 500},
     "stages": {
-        "pretrain": {"eval": {"every": 250}, "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "loss": "answer",
+        "pretrain": {"eval": {"every": 250}, "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "loss": "answer",
                                "warmup_frac": 0.05, "min_lr_frac": 0.0}},
         "finetune": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "M"}},
         "reft": {"train": {**_FT_COMMON, "steps": _CPU_FT_STEPS, "batch_size": 96, "lr": "S"}},

@@ -50,37 +50,42 @@ def parent_info(parent: str | None) -> dict | None:
     return side
 
 
+INHERITED_TASK_KEYS = ("q", "o_pt", "o_ft", "prior", "families")  # may differ from the parent's
+
+
 def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
-    """Validate a raw config, inheriting task/model from the parent run (whose shapes cannot change)."""
+    """Validate a raw config. A stage that starts from a trained model inherits the parent's model and task
+    shapes; the user may change only the task keys in ``INHERITED_TASK_KEYS`` (an explicit attempt to change
+    the window, O' or the model is refused, since the weights could not fit)."""
+    raw = dict(raw)
+    explicit = set(raw.pop("_explicit", ()))
     parent = parent_info(raw.get("parent"))
     if parent is not None:
         pcfg = parent["config"]
-        merged = dict(raw)
-        merged["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
-                                             if k in ("q", "o_pt", "o_ft", "prior", "families")}}
-        for k in ("window", "o2"):
-            if k in raw.get("task", {}) and raw["task"][k] != pcfg["task"][k] and k in raw.get("_explicit_task", ()):
-                raise ConfigError(f"task.{k}: cannot change on a stage that starts from a trained model")
-        merged["model"] = pcfg["model"]
-        merged.pop("_explicit_task", None)
-        cfg = validate(merged)
-        allowed = PARENT_STAGE.get(cfg.stage, ())
-        if parent["config"]["stage"] not in allowed:
-            raise ConfigError(f"parent: a {cfg.stage} run starts from a {' or '.join(allowed)} run, "
-                              f"not {parent['config']['stage']}")
-        if cfg.stage in ("reft", "scratch+ft") and cfg.stage == "reft":
-            plr = parent["config"]["train"]["lr"]
-            if cfg.train.lr >= plr:
-                raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
-                                  f"fine-tuning LR ({plr:g}) (paper.md §2.7)")
-    else:
-        raw = {k: v for k, v in raw.items() if k != "_explicit_task"}
+        for key in sorted(explicit):
+            section, _, rest = key.partition(".")
+            head = rest.split(".", 1)[0]
+            if section == "model" or (section == "task" and head not in INHERITED_TASK_KEYS):
+                raise ConfigError(f"{key}: cannot change on a stage that starts from a trained model "
+                                  f"(it inherits {section} settings from {raw['parent']})")
+        raw["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
+                                          if k in INHERITED_TASK_KEYS and f"task.{k}" in explicit}}
+        raw["model"] = pcfg["model"]
         cfg = validate(raw)
-    # the operand each stage trains on, when not given
-    if cfg.stage != "pretrain" and cfg.train.operand is None:
-        cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
+        allowed = PARENT_STAGE.get(cfg.stage, ())
+        if pcfg["stage"] not in allowed:
+            raise ConfigError(f"parent: a {cfg.stage} run starts from a {' or '.join(allowed)} run, "
+                              f"not {pcfg['stage']}")
+        if cfg.stage == "reft" and cfg.train.lr >= pcfg["train"]["lr"]:
+            raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
+                              f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper.md §2.7)")
+    else:
+        cfg = validate(raw)
+    # the (family, operand) each single-task stage trains on, when not given
     if cfg.stage != "pretrain" and cfg.train.family is None:
         cfg.train.family = "count"
+    if cfg.stage != "pretrain" and cfg.train.operand is None:
+        cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
     return cfg, parent
 
 
