@@ -119,8 +119,10 @@ def test_pipeline_pretrain_finetune_reft_evaluate(pretrained, tmp_path):
     assert r.returncode == 0, r.stderr
     one_line_error(wl("reft", "--preset", "cpu", f"parent={ft}", "steps=4", "lr=L", "--out", str(tmp_path / "x")),
                    "smaller")
-    r = wl("evaluate", str(ft), "--json", "--n", "50", "--c-test", "0")
+    png = tmp_path / "curves.png"
+    r = wl("evaluate", str(ft), "--json", "--n", "50", "--c-test", "0", "--plot", str(png))
     assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ev = json.loads(r.stdout)
     assert {(m["operand"], m["c_test"]) for m in ev["metrics"]} == {("a", 0.0), ("b", 0.0)}
     r = wl("evaluate", "--table", "--runs", str(tmp_path))
@@ -190,3 +192,18 @@ def test_sampling_benchmark_prints_json_and_sampling_outpaces_training():
     assert rep["window"] == 64 and rep["seq_len"] == 73
     # issue 2: sampling must never be what training waits on (>= 10x is issue 7's target)
     assert rep["ratio_mix"] > 10 and rep["ratio_finetune"] > 10
+
+
+def test_paper_preset_runs_at_paper_shapes(tmp_path):
+    """The paper preset builds the paper's model (paper.md §2.6) and trains; a couple of tiny-batch steps."""
+    out = tmp_path / "paper"
+    r = wl("pretrain", "--preset", "paper", "steps=2", "batch_size=2", "eval.n=4", "eval.every=2", "threads=1",
+           "--out", str(out), "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    side = json.loads((out / "checkpoint.json").read_text())
+    w = load_file(str(out / side["checkpoint"]["file"]))
+    model = {k[len("model."):]: v for k, v in w.items() if k.startswith("model.")}
+    assert model["pos_emb.weight"].shape[0] == 259  # 250-token window + 9 layout tokens (eq. 1)
+    assert model["tok_emb.weight"].shape[1] == 192 and sum(k.endswith("attn.qkv.weight") for k in model) == 6
+    n = sum(v.numel() for v in model.values())
+    assert 2.5e6 < n < 3.5e6  # "≈3M parameters"

@@ -155,6 +155,8 @@ def evaluate(
     table: bool = typer.Option(False, "--table", help="print the Table-5-shaped grid of the fine-tuning runs "
                                                       "under --runs beside the paper's numbers"),
     runs: Path = typer.Option(Path("runs"), help="where --table looks for fine-tuning runs"),
+    plot: Path | None = typer.Option(None, "--plot", help="also draw the run's stored learning curves "
+                                                           "(accuracy vs step, majority class dashed) to this PNG"),
     device: str = typer.Option("cpu"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -190,11 +192,17 @@ def evaluate(
         side, rows = evaluate_run(target, c_test, n, None, all_families, None, device)
     except (ck.CheckpointError, ConfigError, KeyError) as e:
         _fail(str(e))
+    if plot:
+        from wrapperlab.report.figures import plot_curves
+
+        plot_curves(side.get("metrics", []), plot, f"{side.get('stage')} {target}")
     if as_json:
         print(json.dumps({"run_dir": str(target), "stage": side.get("stage"), "step": side.get("step"),
                           "metrics": rows}))
     else:
         _metrics_table(rows, f"{side.get('stage')} {target} at step {side.get('step')}")
+        if plot:
+            out.print(f"learning curves written to {plot}")
 
 
 def _fmt(v) -> str:
