@@ -268,9 +268,12 @@ class PCFGTask:
                      source, text if keep_source else None, rejected)
 
     def _assemble(self, text, fam_tok, op_tok, o2_tok, answer) -> np.ndarray:
-        n, w = text.shape
+        n = text.shape[0]
         text_ids = np.where(text >= 0, self._term_ids[np.clip(text, 0, None)], self._pad)
-        col = lambda v: np.broadcast_to(np.asarray(v, dtype=np.int64).reshape(-1, 1), (n, 1))
+
+        def col(v) -> np.ndarray:
+            return np.broadcast_to(np.asarray(v, dtype=np.int64).reshape(-1, 1), (n, 1))
+
         seq = np.concatenate(
             [col(self._sos), col(fam_tok), col(op_tok), col(o2_tok), col(self._sot), text_ids,
              col(self._eot), col(self._art), col(answer), col(self._sos)], axis=1,
