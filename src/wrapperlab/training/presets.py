@@ -6,14 +6,14 @@ steps (batch size, betas and weight decay are not given: we use batch 96, betas 
 minGPT's defaults); fine-tuning AdamW, batch 96, 10K steps, 20 % warmup, cosine to max/100, eta_L/M/S =
 1e-4/1e-5/1e-6; reFT the same recipe at a smaller LR (eta_S by default).
 
-cpu: chosen by measurement on this machine (see README "Presets" and the issue-2 closing note): window 64,
-O' = 16 for the count-like families, 6 for index-of-occurrence and 2 for index-of-composition (at
-window 64 the doubled operand 'aa' almost never occurs 6 times, so O' = 6 makes every answer 0 — measured: a
-100 % majority class; O' = 2 gives a 27 % one; at the paper's window 250, O' = 6 is fine: 8 %), and a
-0.36M-parameter model (d 96, 3 layers, 4 heads). Pretraining uses the answer-only loss because full next-token loss converged ~3x slower at this scale
-(the paper's objective is one override away: ``train.loss=lm``). Fine-tuning runs far fewer steps than the
-paper's 10K, so the named LRs are scaled to keep LR x steps (the total distance Adam can move) equal to the
-paper's: eta_X(cpu) = eta_X(paper) x 10000 / cpu fine-tuning steps.
+cpu: chosen by measurement on this machine (docs/calibration.md): window 64; O' = 16 for the count-like
+families, 6 for index-of-occurrence and 2 for index-of-composition (at window 64 the doubled operand 'aa'
+almost never occurs 6 times, so O' = 6 makes every answer 0 — a 100 % majority class; O' = 2 gives 27 %; at the
+paper's window 250, O' = 6 is fine: 8 %); a 0.36M-parameter model (d 96, 3 layers, 4 heads); AdamW 1e-3
+(3e-3 stalled at the majority rate). Pretraining uses the answer-only loss: the paper's full next-token loss is
+one override away (``train.loss=lm``) but learns the answer more slowly at this size (docs/calibration.md).
+Fine-tuning runs 500 steps instead of 10K, so the named LRs are scaled to keep LR x steps (the total distance
+Adam can move a weight) equal to the paper's: eta_X(cpu) = eta_X(paper) x 10000 / 500.
 
 A learning rate may be given by name (``lr=L``, ``lr=M``, ``lr=S``, ``lr=VS``); the preset resolves it.
 """
