@@ -182,3 +182,14 @@ def test_child_stage_refuses_shape_changes_but_takes_allowed_task_keys(pretraine
         resolve(build_config("finetune", "cpu", overrides=[f"parent={pretrained}", "model.d_model=64"]))
     cfg, _ = resolve(build_config("finetune", "cpu", overrides=[f"parent={pretrained}", "task.q=2"]))
     assert cfg.task.q == 2 and cfg.task.window == 32  # q taken, the window inherited from the parent
+
+
+def test_cpu_preset_adjusts_batch_for_two_operand_priors_unless_user_sets_it():
+    cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=high"]))
+    assert (cfg.train.batch_size, cfg.train.steps) == (128, 4000)
+    cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=high", "batch_size=32", "steps=10"]))
+    assert (cfg.train.batch_size, cfg.train.steps) == (32, 10)
+    cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=low"]))
+    assert (cfg.train.batch_size, cfg.train.steps) == (64, 4500)
+    cfg, _ = resolve(build_config("pretrain", "paper", overrides=["prior=high"]))
+    assert cfg.train.batch_size == 96  # the paper preset is never adjusted

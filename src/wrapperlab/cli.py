@@ -73,11 +73,14 @@ def _train(stage: str, args, preset, out_dir, device, threads, as_json, progress
         if threads is not None:
             extra["threads"] = threads
         raw = build_config(stage, preset, file, overrides, extra)
+        notes = raw.get("_notes", [])
         cfg, parent = resolve(raw)
         st = Stage(cfg, parent, out_dir)
         prev = st.existing()
     except (ConfigError, ck.CheckpointError, UserError) as e:
         _fail(str(e))
+    for note in notes:
+        err.print(f"{cfg.preset} preset: {note}", highlight=False, markup=False)
     if prev and prev.get("status") == "done":
         err.print(f"{st.run_dir}: already complete (step {prev['step']}); nothing to do", highlight=False)
     elif prev:

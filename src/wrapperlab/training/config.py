@@ -17,7 +17,7 @@ from wrapperlab.models.transformer import ModelConfig
 from wrapperlab.tasks.families import FAMILIES, get_family
 from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
 from wrapperlab.tasks.task import TaskConfig
-from wrapperlab.training.presets import STAGES, named_lrs, preset_dict
+from wrapperlab.training.presets import STAGES, named_lrs, preset_dict, prior_adjustments
 
 SHORTCUTS = {
     "lr": "train.lr", "steps": "train.steps", "c_train": "train.c_train", "c_test": "eval.c_test",
@@ -230,8 +230,9 @@ def _first_error(e: ValidationError) -> str:
 
 
 def validate(raw: dict) -> RunConfig:
+    """Validate a raw config dict (keys starting with '_' are build_config's bookkeeping and are ignored)."""
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate({k: v for k, v in raw.items() if not str(k).startswith("_")})
     except ValidationError as e:
         raise ConfigError(_first_error(e)) from None
 
@@ -255,7 +256,14 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
     raw = deep_merge(raw, user)
     if file:
         user = deep_merge(filed, user)
-    raw["_explicit"] = sorted(_flat_keys(user))
+    explicit = _flat_keys(user)
+    raw["_explicit"] = sorted(explicit)
+    adjust = prior_adjustments(raw.get("preset", preset), stage, str(raw.get("task", {}).get("prior", "")))
+    for key in _flat_keys(adjust):
+        if key not in explicit:
+            section, field = key.split(".", 1)
+            set_path(raw, key, adjust[section][field])
+            raw.setdefault("_notes", []).append(f"{key}={adjust[section][field]} (preset default for this prior)")
     if extra:
         raw = deep_merge(raw, extra)
     lr = raw.get("train", {}).get("lr")

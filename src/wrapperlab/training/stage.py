@@ -59,6 +59,7 @@ def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
     the window, O' or the model is refused, since the weights could not fit)."""
     raw = dict(raw)
     explicit = set(raw.pop("_explicit", ()))
+    raw.pop("_notes", None)
     parent = parent_info(raw.get("parent"))
     if parent is not None:
         pcfg = parent["config"]
