@@ -193,3 +193,13 @@ def test_cpu_preset_adjusts_batch_for_two_operand_priors_unless_user_sets_it():
     assert (cfg.train.batch_size, cfg.train.steps) == (64, 4500)
     cfg, _ = resolve(build_config("pretrain", "paper", overrides=["prior=high"]))
     assert cfg.train.batch_size == 96  # the paper preset is never adjusted
+
+
+def test_divergence_stops_with_status_diverged_and_keeps_last_checkpoint(tmp_path):
+    cfg, _ = make("pretrain", "steps=6", "eval.every=2", "lr=1e30", "train.grad_clip=null", "train.warmup_frac=0")
+    side = Stage(cfg, None, tmp_path / "r").run(progress=False)
+    assert side["status"] == "diverged"
+    on_disk = ck.read_sidecar(tmp_path / "r") if (tmp_path / "r" / ck.SIDECAR).exists() else None
+    if on_disk is not None:  # a good checkpoint was written before the loss blew up
+        assert on_disk["status"] == "diverged" and on_disk["step"] < 6
+        ck.load_tensors(tmp_path / "r")  # and it is still complete and verifiable

@@ -205,9 +205,10 @@ class Stage:
                 tokens = torch.from_numpy(batch.tokens).to(cfg.device)
                 answer = torch.from_numpy(batch.answer).to(cfg.device)
                 loss = compute_loss(model, tokens, answer, t.loss, apos, pad)
-                if not math.isfinite(loss.item()):
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
                     status = "diverged"
-                    log(f"step {step}: loss is {loss.item()}; stopping (last good checkpoint kept)")
+                    log(f"step {step}: loss is {loss_value}; stopping (last good checkpoint kept)")
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -215,7 +216,7 @@ class Stage:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()
                 step += 1
-                bar.update(step, loss.item())
+                bar.update(step, loss_value)
                 if step % cfg.eval.every == 0 or step == t.steps:
                     do_eval(step)
                     st = "done" if step == t.steps else "running"
@@ -227,6 +228,8 @@ class Stage:
             if side:
                 side["status"] = "diverged"
                 ck.atomic_write_text(self.run_dir / ck.SIDECAR, json.dumps(side, indent=1))
+            else:  # diverged before the first checkpoint: nothing on disk to mark
+                side = {"status": "diverged", "step": step, "stage": cfg.stage, "metrics": metrics}
         return side
 
 
