@@ -186,7 +186,7 @@ def test_child_stage_refuses_shape_changes_but_takes_allowed_task_keys(pretraine
 
 def test_cpu_preset_adjusts_batch_for_two_operand_priors_unless_user_sets_it():
     cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=high"]))
-    assert (cfg.train.batch_size, cfg.train.steps) == (128, 4000)
+    assert (cfg.train.batch_size, cfg.train.steps) == (128, 6000)
     cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=high", "batch_size=32", "steps=10"]))
     assert (cfg.train.batch_size, cfg.train.steps) == (32, 10)
     cfg, _ = resolve(build_config("pretrain", "cpu", overrides=["prior=low"]))
