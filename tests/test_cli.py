@@ -50,6 +50,8 @@ def test_data_sample_plain_and_errors():
     one_line_error(wl("data", "sample", "--family", "nope"), "nope")
     one_line_error(wl("data", "sample", "--operand", "z", "--family", "count"), "operand")
     one_line_error(wl("data", "sample", "--family", "token-value", "--c-test", "1"), "spurious")
+    one_line_error(wl("data", "spurious", "--n", "0"), "n:")
+    one_line_error(wl("data", "spurious", "--c", "2", "--n", "50"), "[0, 1]")
 
 
 def test_data_spurious_report(tmp_path):

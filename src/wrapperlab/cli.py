@@ -311,6 +311,8 @@ def data_spurious(
 
     from wrapperlab.training.config import ConfigError
 
+    if n < 1:
+        _fail(f"n: must be >= 1, got {n}")
     try:
         task = _task_from(preset, overrides or [])
         cfg = task.config
