@@ -24,3 +24,15 @@ def pretrained(tmp_path_factory) -> Path:
     r = wl("pretrain", "--preset", "cpu", *TINY, "steps=30", "eval.every=15", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def counter(tmp_path_factory) -> Path:
+    """A tiny model that really counts `a` (100 % in ~7 s): the subject for analysis tests that need a
+    capability to suppress, revive or read."""
+    out = tmp_path_factory.mktemp("runs") / "counter"
+    r = wl("scratch", "--preset", "cpu", "task.window=32", "model.d_model=32", "model.n_layer=1", "model.n_head=2",
+           "threads=1", "steps=400", "batch_size=64", "lr=3e-3", "eval.n=200", "eval.every=400", "family=count",
+           "operand=a", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return out

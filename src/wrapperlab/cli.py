@@ -11,25 +11,17 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from wrapperlab.cli_analyze import analyze_app
+from wrapperlab.cli_common import UserError, _fail, err, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="wrapperlab: did fine-tuning remove a capability, or only wrap it? "
                        "Pretrain on PCFG tasks, fine-tune under the paper's protocols, reverse-fine-tune, evaluate.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the procedurally generated PCFG data.")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True, soft_wrap=True)
-out = Console(width=None if sys.stdout.isatty() else 240)  # tables stay unwrapped in pipes
-
-
-class UserError(Exception):
-    pass
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {' '.join(msg.split())}", file=sys.stderr)
-    raise typer.Exit(2)
+app.add_typer(analyze_app, name="analyze")
 
 
 def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:

@@ -80,6 +80,8 @@ class EvalConfig(BaseModel):
     family: str | None = Field(None, description="family of the O_PT/O_FT columns (default: the stage's)")
     all_families: bool | None = Field(None, description="also report every family (default: pretrain only)")
     seed: int = Field(12345, ge=0)
+    log_spaced: bool = Field(False, description="also evaluate (without checkpointing) at steps 1, 2, 5, 10, 20, "
+                                                "50, ... for curves on a log step axis")
 
     @field_validator("c_test", mode="before")
     @classmethod
@@ -136,6 +138,8 @@ class RunConfig(BaseModel):
         d = self.model_dump(mode="json")
         d.pop("device")
         d.pop("threads")
+        if not d["eval"]["log_spaced"]:  # added later: absent when off, so earlier run ids stay valid
+            d["eval"].pop("log_spaced")
         return d
 
     def run_id(self, parent_id: str | None = None) -> str:

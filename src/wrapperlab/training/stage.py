@@ -192,6 +192,7 @@ class Stage:
         if step == 0 and not metrics:
             do_eval(0)
         pad, apos = self.task.vocab.pad_id, self.task.answer_pos
+        extra = log_steps(t.steps) if cfg.eval.log_spaced else set()
         bar = _Bar(progress, t.steps, step, f"{cfg.stage}")
         model.train()
         status = "running"
@@ -221,6 +222,8 @@ class Stage:
                     do_eval(step)
                     st = "done" if step == t.steps else "running"
                     side = self._save(model, opt, step, metrics, st, wall0 + time.perf_counter() - t0)
+                elif step in extra:  # metrics only; redone identically after a resume
+                    do_eval(step)
         finally:
             bar.close()
         if status == "diverged":
@@ -231,6 +234,15 @@ class Stage:
             else:  # diverged before the first checkpoint: nothing on disk to mark
                 side = {"status": "diverged", "step": step, "stage": cfg.stage, "metrics": metrics}
         return side
+
+
+def log_steps(limit: int) -> set[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit``."""
+    out, base = set(), 1
+    while base <= limit:
+        out |= {m * base for m in (1, 2, 5) if m * base <= limit}
+        base *= 10
+    return out
 
 
 def _eval_line(step: int, rows: list[dict], task: PCFGTask) -> str:

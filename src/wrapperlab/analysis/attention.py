@@ -1,0 +1,76 @@
+"""Attention maps per layer and head (paper.md §4.3; Fig. 10 and App. D).
+
+``attention(model, tokens)`` reads ``blocks.{l}.attn.hook_pattern`` for one example or a batch. A batch is
+averaged position by position (sequences are left-padded, so positions count back from the answer and the
+tail ``< text > = `` lines up only at the end; per-token labels are kept only for a single example).
+
+Tidy rows summarise where the query at the ART position (the one that predicts the answer) puts its weight:
+for every (layer, head) and every token string, the attention mass on keys holding that token (per example,
+then averaged). This is the number behind statements like "the block-1 head still attends to ``a``".
+The full maps are in ``Result.arrays["pattern"]`` with shape (layers, heads, query, key).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from wrapperlab.analysis.common import AnalysisError, Result
+from wrapperlab.models.transformer import Transformer
+
+
+@torch.no_grad()
+def attention_patterns(model: Transformer, tokens: np.ndarray, layers: list[int] | None = None,
+                       batch_size: int = 256) -> np.ndarray:
+    """Attention patterns, shape (n, layers, heads, query, key), float32."""
+    n_layer = model.cfg.n_layer
+    layers = list(range(n_layer)) if layers is None else list(layers)
+    bad = [lay for lay in layers if not 0 <= lay < n_layer]
+    if bad:
+        raise AnalysisError(f"layers: {bad} out of range (the model has layers 0..{n_layer - 1})")
+    names = [f"blocks.{lay}.attn.hook_pattern" for lay in layers]
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size]).to(device)
+        _, cache = model.run_with_cache(x, names_filter=names, positions=-1)
+        out.append(torch.stack([cache[n] for n in names], dim=1).float().cpu().numpy())
+    model.train(was)
+    return np.concatenate(out)
+
+
+def attention(model: Transformer, tokens: np.ndarray, *, vocab=None, query: int = -1,
+              layers: list[int] | None = None, average: bool | None = None) -> Result:
+    """Attention maps of ``tokens`` ((n, t) ids; the caller truncates after the position of interest).
+    ``query`` is the query position summarised in the rows (default the last: the ART position when tokens end
+    at ART). ``average`` defaults to True for n > 1."""
+    tokens = np.atleast_2d(np.asarray(tokens))
+    if tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise AnalysisError("tokens: need at least one non-empty sequence")
+    pat = attention_patterns(model, tokens, layers)
+    n, n_l, n_h, t, _ = pat.shape
+    q = query % t
+    layer_ids = list(range(model.cfg.n_layer)) if layers is None else list(layers)
+    rows = []
+    names = (lambda i: vocab.tokens[int(i)]) if vocab is not None else (lambda i: str(int(i)))
+    uniq = np.unique(tokens)
+    for li, lay in enumerate(layer_ids):
+        for h in range(n_h):
+            w = pat[:, li, h, q, :]  # (n, key)
+            for tok in uniq:
+                mass = float((w * (tokens == tok)).sum(1).mean())
+                if mass > 0:
+                    rows.append({"layer": lay, "head": h, "query": q, "key_token": names(tok), "mass": mass})
+    avg = (n > 1) if average is None else average
+    arr = pat.mean(0) if avg else pat[0]
+    labels = [names(i) for i in tokens[0]] if not avg else [str(i - t + 1) if i < t - 1 else "q" for i in range(t)]
+    meta = {"n": n, "averaged": avg, "layers": layer_ids, "heads": n_h, "query": q, "labels": labels}
+    return Result("attention", rows, meta, arrays={"pattern": arr})
+
+
+def mass_on(result: Result, layer: int, head: int, token: str) -> float:
+    """Attention mass the summarised query puts on ``token`` at (layer, head); 0 if none."""
+    hit = result.where(layer=layer, head=head, key_token=token)
+    return hit[0]["mass"] if hit else 0.0

@@ -1,0 +1,186 @@
+"""Linear probes on the residual stream (paper.md §4.2; the paper's Read_l, Definition 1).
+
+What is probed. One linear probe per block output ``blocks.{l}.hook_resid_post`` plus the embedding output
+(``blocks.0.hook_resid_pre``), labelled B0 (embedding) … B{L} (block L-1's output) as in the paper's plots
+(B0–B6 for the 6-block model). The input is the residual stream at the ART position, the position whose output
+predicts the answer token. The paper says "the residual stream corresponding to the answer token (Ans)"; at the
+Ans position itself the answer is already in the input embedding, so a probe there would read the label, not the
+model — we take the position that *predicts* Ans (a documented choice, paper.md §7 item 7). Targets: the answer
+token for the task asked with operand O_PT and with O_FT (the prompt names the operand being probed), drawn at
+``c_test`` (default 0, as Fig. 8). The probe's output dimension is the vocabulary size, as in the paper.
+
+Training (paper recipe, ``ProbeSettings.paper()``): AdamW at 1e-3 for 4K iterations, multiplied by 0.1 at 2K, 3K
+and 3.5K. The paper trains on fresh PCFG samples; we extract features once for a fixed pool of ``n_train``
+samples (the model is frozen, so this is the same estimator at a fraction of the cost) and draw minibatches
+from it. Features are standardised per dimension with the training pool's mean and std (a linear probe's
+expressiveness is unchanged; optimisation is better conditioned — the same for every model compared). The batch
+size is not given by the paper (we use 256). All layers' probes are trained at once as one batched linear map;
+each probe has its own parameters and loss term, so this equals training them separately.
+
+Controls (``probe_run``): the same probes on the pretrained ancestor (Fig. 8a's baseline) and on a randomly
+initialised model of the same shape. Random features can linearly encode counts (attention averages token
+embeddings), so the control shows how much of a probe's accuracy is the model's doing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wrapperlab.analysis.common import AnalysisError, Result, ancestor
+from wrapperlab.analysis.evaluate import load_run
+from wrapperlab.models.transformer import Transformer
+from wrapperlab.tasks.task import PCFGTask
+from wrapperlab.training.evaluation import majority_rate
+from wrapperlab.training.stage import build_model
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    n_train: int = 4000
+    n_test: int = 1000
+    iters: int = 1500
+    lr: float = 1e-3
+    milestones: tuple[float, ...] = (0.5, 0.75, 0.875)  # fractions of iters (paper: 2K, 3K, 3.5K of 4K)
+    batch_size: int = 256
+    weight_decay: float = 0.01
+    standardize: bool = True
+    c_test: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def paper(cls) -> ProbeSettings:
+        return cls(n_train=20000, n_test=2000, iters=4000)
+
+    @classmethod
+    def for_preset(cls, preset: str) -> ProbeSettings:
+        return cls.paper() if preset == "paper" else cls()
+
+    def check(self) -> ProbeSettings:
+        for name in ("n_train", "n_test", "iters", "batch_size"):
+            if getattr(self, name) < 1:
+                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise AnalysisError(f"lr: must be > 0 (got {self.lr})")
+        if not 0 <= self.c_test <= 1:
+            raise AnalysisError(f"c_test: must be in [0, 1] (got {self.c_test})")
+        return self
+
+
+def layer_names(n_layer: int) -> list[tuple[str, str]]:
+    """(label, hook name) for B0 (embedding output) … B{n_layer}."""
+    return [("B0", "blocks.0.hook_resid_pre")] + [(f"B{i + 1}", f"blocks.{i}.hook_resid_post")
+                                                  for i in range(n_layer)]
+
+
+@torch.no_grad()
+def residual_features(model: Transformer, tokens: np.ndarray, position: int, batch_size: int = 512) -> torch.Tensor:
+    """Residual stream at ``position`` for every probed layer: a (n_layers + 1, n, d_model) float tensor.
+    ``tokens`` is truncated after ``position`` (causal model: later tokens cannot matter)."""
+    names = [h for _, h in layer_names(model.cfg.n_layer)]
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    parts = []
+    for i in range(0, tokens.shape[0], batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size, :position + 1]).to(device)
+        _, cache = model.run_with_cache(x, names_filter=names, positions=-1)
+        parts.append(torch.stack([cache[n][:, position] for n in names]).float().cpu())
+    model.train(was)
+    return torch.cat(parts, dim=1)
+
+
+def train_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 n_classes: int, s: ProbeSettings) -> np.ndarray:
+    """Train one linear probe per leading slice of ``x`` ((P, n, d) features, (n,) int labels); returns the
+    held-out accuracy of each probe, shape (P,)."""
+    p, _, d = x_train.shape
+    if s.standardize:
+        mu = x_train.mean(1, keepdim=True)
+        sd = x_train.std(1, keepdim=True).clamp_min(1e-6)
+        x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    g = torch.Generator().manual_seed(s.seed)
+    w = torch.zeros(p, d, n_classes, requires_grad=True)
+    b = torch.zeros(p, 1, n_classes, requires_grad=True)
+    opt = torch.optim.AdamW([w, b], lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m * s.iters) for m in s.milestones], gamma=0.1)
+    n = x_train.shape[1]
+    for _ in range(s.iters):
+        idx = torch.randint(0, n, (min(s.batch_size, n),), generator=g)
+        logits = torch.baddbmm(b, x_train[:, idx], w)  # (P, batch, C)
+        loss = F.cross_entropy(logits.reshape(-1, n_classes), y_train[idx].repeat(p), reduction="sum")
+        opt.zero_grad(set_to_none=True)
+        (loss / idx.numel()).backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        pred = torch.baddbmm(b, x_test, w).argmax(-1)
+    return (pred == y_test[None]).float().mean(1).numpy()
+
+
+def _data(task: PCFGTask, family: str, operand: str, n: int, c: float, seed: int, salt: int):
+    return task.sample(n, np.random.default_rng([seed, salt, ord(operand)]), family=family, operand=operand, c=c)
+
+
+def probe(model: Transformer, task: PCFGTask, *, family: str = "count", operands: dict[str, str] | None = None,
+          settings: ProbeSettings | None = None, label: str = "model") -> Result:
+    """Per-layer probe accuracy for each target. ``operands`` maps a target name to an operand (default
+    ``{"O_PT": o_pt, "O_FT": o_ft}``). Rows: model, layer, layer_index, target, operand, acc, majority."""
+    s = (settings or ProbeSettings()).check()
+    cfg = task.config
+    operands = operands or {"O_PT": cfg.o_pt, "O_FT": cfg.o_ft}
+    pos = task.answer_pos - 1
+    layers = layer_names(model.cfg.n_layer)
+    rows = []
+    for target, op in operands.items():
+        tr = _data(task, family, op, s.n_train, s.c_test, s.seed, 1)
+        te = _data(task, family, op, s.n_test, s.c_test, s.seed, 2)
+        acc = train_probes(residual_features(model, tr.tokens, pos), torch.from_numpy(tr.answer),
+                           residual_features(model, te.tokens, pos), torch.from_numpy(te.answer),
+                           model.cfg.vocab_size, s)
+        maj = majority_rate(te.answer)
+        for i, (name, _) in enumerate(layers):
+            rows.append({"model": label, "layer": name, "layer_index": i, "target": target, "operand": op,
+                         "family": family, "acc": float(acc[i]), "majority": maj, "n_test": s.n_test})
+    return Result("probe", rows, {"settings": asdict(s), "position": "ART (predicts Ans)", "family": family})
+
+
+def probe_run(run_dir: str | Path, *, settings: ProbeSettings | None = None, family: str | None = None,
+              controls: bool = True, device: str = "cpu") -> Result:
+    """Probe a run's model and, as controls, its pretrained ancestor and a random-init model of the same shape
+    (all on the same probe data)."""
+    cfg, task, model, side = load_run(run_dir, device)
+    s = settings or ProbeSettings.for_preset(cfg.preset)
+    fam = family or cfg.eval_family
+    subjects = [(side.get("stage", "model"), model)]
+    if controls:
+        pt = ancestor(run_dir, "pretrain")
+        if pt is not None and Path(pt) != Path(run_dir):
+            subjects.append(("pretrained", load_run(pt, device)[2]))
+        torch.manual_seed(s.seed)
+        subjects.append(("random-init", build_model(cfg, task).to(device).eval()))
+    rows: list[dict] = []
+    for label, m in subjects:
+        rows += probe(m, task, family=fam, settings=s, label=label).rows
+    meta = {"settings": asdict(s), "run": str(run_dir), "stage": side.get("stage"), "family": fam,
+            "position": "ART (predicts Ans)", "models": [lab for lab, _ in subjects]}
+    return Result("probe", rows, meta, {"summary": probe_summary(rows)})
+
+
+def probe_summary(rows: list[dict]) -> list[dict]:
+    """Best layer per (model, target): the number the verdict and the acceptance compare."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        k = (r["model"], r["target"])
+        if k not in best or r["acc"] > best[k]["acc"]:
+            best[k] = r
+    return [{"model": m, "target": t, "best_layer": r["layer"], "acc": r["acc"], "majority": r["majority"]}
+            for (m, t), r in best.items()]
+
+
+def with_overrides(s: ProbeSettings, **kw) -> ProbeSettings:
+    return replace(s, **{k: v for k, v in kw.items() if v is not None}).check()

@@ -1,0 +1,213 @@
+"""Single-step saliency pruning (paper.md §4.1, Alg. 3; Figs. 7, 55–59, 79–89).
+
+Objective: the pretraining-task loss — cross-entropy of the answer for the task asked with O_PT (strings from
+the generating process, c_test = 0), averaged over ``n_grad`` samples (not given by the paper).
+
+Score: grad(w) · w for every weight. To first order, zeroing w changes the loss by −grad·w, so the largest
+scores are the weights whose removal most *lowers* the pretraining loss — a wrapper, if there is one.
+
+Units:
+- ``neuron`` (PCFG, paper: "a neuron is a row in the weight matrix"): one output unit of a linear map, i.e. one
+  row of a PyTorch ``Linear.weight`` (shape out × in) together with that output's bias entry. Its score is the
+  sum of grad·w over the row plus grad·b of the bias (the first-order loss change of removing the whole unit;
+  the paper's aggregation is inferred, paper.md §7 item 8). Pruning zeroes the row and the bias entry.
+  Candidate matrices (the paper does not say; we take every linear map inside the blocks):
+  ``attn.qkv`` (a row = one query/key/value dimension of one head), ``attn.proj`` (a row = one residual
+  dimension written by attention), ``mlp.fc`` (a row = one MLP hidden neuron), ``mlp.proj`` (a row = one
+  residual dimension written by the MLP). Embeddings and the unembedding are excluded by default (a row of the
+  unembedding is one output class: removing it cannot revive a capability, only forbid an answer).
+- ``weight`` (Tracr, Figs. 55, 57): every single entry of the candidate matrices and their biases.
+
+K is a global top-K over all candidates (inferred, paper.md §4.1). The ranking is computed once, on the
+unpruned model (single-step), so the pruned sets for increasing K are nested. For each K we report the accuracy
+on O_PT and O_FT at every c_test, and the predicted-class histogram on the O_PT set (Fig. 59): an accuracy gain
+that is only a collapse onto one class shows up there, and cannot exceed the set's majority rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wrapperlab.analysis.common import AnalysisError, Result
+from wrapperlab.models.transformer import Transformer
+from wrapperlab.tasks.task import PCFGTask
+from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets, predict
+
+DEFAULT_MATRICES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+_PARAM = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    ks: tuple[int, ...] = tuple(range(16))  # Fig. 7: 0..15
+    unit: str = "neuron"
+    matrices: tuple[str, ...] = DEFAULT_MATRICES
+    n_grad: int = 1024
+    n_eval: int = 500
+    c_tests: tuple[float, ...] = (0.0, 1.0)
+    seed: int = 0
+    units_listed: int = 100
+
+    def check(self) -> PruneSettings:
+        if self.unit not in ("neuron", "weight"):
+            raise AnalysisError(f"unit: must be 'neuron' or 'weight' (got {self.unit!r})")
+        if not self.ks or min(self.ks) < 0:
+            raise AnalysisError(f"ks: need one or more K >= 0 (got {list(self.ks)})")
+        for name in ("n_grad", "n_eval"):
+            if getattr(self, name) < 1:
+                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        if any(not 0 <= c <= 1 for c in self.c_tests):
+            raise AnalysisError(f"c_tests: every value must be in [0, 1] (got {list(self.c_tests)})")
+        return self
+
+
+@dataclass
+class Unit:
+    """One prunable unit: ``param`` is the weight's name, ``index`` the row (neuron) or (row, col) (weight);
+    ``bias`` the name of the bias entry pruned with it (neurons), if any."""
+    block: int
+    matrix: str
+    kind: str  # "row", "weight" or "bias"
+    index: tuple[int, ...]
+    score: float
+    param: str
+    bias: str | None = field(default=None)
+
+    def row(self, rank: int) -> dict:
+        return {"rank": rank, "block": self.block, "matrix": self.matrix, "kind": self.kind,
+                "index": list(self.index), "score": self.score}
+
+
+def _candidates(model: Transformer, matrices: tuple[str, ...]) -> list[tuple[str, int, str, str]]:
+    out = []
+    for name, _ in model.named_parameters():
+        m = _PARAM.match(name)
+        if m and m.group(2) in matrices:
+            out.append((name, int(m.group(1)), m.group(2), m.group(3)))
+    if not out:
+        raise AnalysisError(f"matrices: none of {list(matrices)} is a linear map of this model "
+                            f"(choose from {', '.join(DEFAULT_MATRICES)})")
+    return out
+
+
+def pretraining_loss(model: Transformer, task: PCFGTask, family: str, n: int, seed: int) -> torch.Tensor:
+    """Mean answer cross-entropy on ``n`` fresh samples of (family, O_PT) at c = 0."""
+    b = task.sample(n, np.random.default_rng([seed, 7]), family=family, operand=task.config.o_pt, c=0.0)
+    device = next(model.parameters()).device
+    x = torch.from_numpy(b.tokens[:, :task.answer_pos]).to(device)
+    return F.cross_entropy(model(x, positions=-1), torch.from_numpy(b.answer).to(device))
+
+
+def saliency(model: Transformer, task: PCFGTask, *, family: str = "count", settings: PruneSettings | None = None,
+             top: int | None = None) -> tuple[list[Unit], int]:
+    """The ``top`` highest-scoring candidate units (all if None), highest first — ties keep parameter order —
+    and the number of candidates."""
+    s = (settings or PruneSettings()).check()
+    was = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    pretraining_loss(model, task, family, s.n_grad, s.seed).backward()
+    model.train(was)
+    params = dict(model.named_parameters())
+    chunks: list[torch.Tensor] = []
+    meta: list[tuple[str, int, str, str, str | None, tuple[int, ...]]] = []  # name, block, matrix, kind, bias, shape
+    with torch.no_grad():
+        for name, block, matrix, kind in _candidates(model, s.matrices):
+            p = params[name]
+            gw = (p.grad * p).double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+            if s.unit == "weight":
+                chunks.append(gw.flatten())
+                meta.append((name, block, matrix, "weight" if kind == "weight" else "bias", None, tuple(p.shape)))
+            elif kind == "weight":
+                bias = name[:-len("weight")] + "bias"
+                rows = gw.sum(1)
+                if bias in params:
+                    bp = params[bias]
+                    if bp.grad is not None:
+                        rows = rows + (bp.grad * bp).double()
+                else:
+                    bias = None
+                chunks.append(rows)
+                meta.append((name, block, matrix, "row", bias, (p.shape[0],)))
+    model.zero_grad(set_to_none=True)
+    scores = torch.cat(chunks)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order if top is None else order[:top]
+    offsets = np.cumsum([0] + [c.numel() for c in chunks])
+    units = []
+    for i in order.tolist():
+        j = int(np.searchsorted(offsets, i, side="right") - 1)
+        name, block, matrix, kind, bias, shape = meta[j]
+        idx = tuple(int(v) for v in np.unravel_index(i - offsets[j], shape))
+        units.append(Unit(block, matrix, kind, idx, float(scores[i]), name, bias))
+    return units, int(scores.numel())
+
+
+@torch.no_grad()
+def zero_units(model: Transformer, units: list[Unit]) -> None:
+    params = dict(model.named_parameters())
+    for u in units:
+        if u.kind == "row":
+            params[u.param][u.index[0]].zero_()
+            if u.bias:
+                params[u.bias][u.index[0]] = 0.0
+        else:
+            params[u.param][u.index] = 0.0
+
+
+def prune(model: Transformer, task: PCFGTask, *, family: str = "count",
+          settings: PruneSettings | None = None) -> Result:
+    """Accuracy against K for the top-K pruned units. Rows: k, operand, target (O_PT/O_FT), c_test, acc,
+    majority[, follows_spurious]. Side tables: ``units`` (the ranked units), ``histogram`` (predicted classes
+    on the O_PT c_test=0 set for every K, and the true answers as k = "truth")."""
+    s = (settings or PruneSettings()).check()
+    n_list = max(s.units_listed, max(s.ks))
+    units, n_candidates = saliency(model, task, family=family, settings=s, top=n_list)
+    sets = build_eval_sets(task, family, list(s.c_tests), s.n_eval, s.seed + 1)
+    pt0 = next(x for x in sets if x.operand == task.config.o_pt and x.c_test == 0.0)
+    names = task.vocab.tokens
+    pruned = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device
+    rows, hist = [], []
+    for t, c in zip(*np.unique(pt0.batch.answer, return_counts=True)):
+        hist.append({"k": "truth", "class": names[int(t)], "count": int(c)})
+    done = 0
+    for k in sorted(set(s.ks)):
+        if k > n_candidates:
+            raise AnalysisError(f"ks: K={k} exceeds the {n_candidates} candidate units")
+        zero_units(pruned, units[done:k])
+        done = k
+        for r in evaluate_sets(pruned, task, sets, str(device)):
+            target = "O_PT" if r["operand"] == task.config.o_pt else "O_FT"
+            rows.append({"k": k, "target": target, **r})
+        pred = predict(pruned, pt0.batch.tokens, task.answer_pos, str(device))
+        for t, c in zip(*np.unique(pred, return_counts=True)):
+            hist.append({"k": k, "class": names[int(t)], "count": int(c)})
+    listed = [u.row(i + 1) for i, u in enumerate(units)]
+    meta = {"settings": asdict(s), "family": family, "n_candidates": n_candidates,
+            "objective": f"CE of {family} {task.config.o_pt} (c=0), n={s.n_grad}"}
+    return Result("prune", rows, meta, {"units": listed, "histogram": hist,
+                                        "summary": prune_summary(rows, listed, max(s.ks))})
+
+
+def prune_summary(rows: list[dict], units: list[dict], k_max: int) -> list[dict]:
+    """Per (target, c_test): accuracy at K=0, the best K ≤ k_max and its accuracy, and the blocks holding the
+    pruned units up to that K."""
+    out = []
+    keys = sorted({(r["target"], r["c_test"]) for r in rows})
+    for target, c in keys:
+        sub = sorted((r for r in rows if r["target"] == target and r["c_test"] == c and r["k"] <= k_max),
+                     key=lambda r: r["k"])
+        base = sub[0]["acc"]
+        best = max(sub, key=lambda r: (r["acc"], -r["k"])) if target == "O_PT" else min(sub, key=lambda r: r["acc"])
+        blocks = sorted({u["block"] for u in units[:best["k"]]})
+        out.append({"target": target, "c_test": c, "acc_k0": base, "best_k": best["k"], "acc_best": best["acc"],
+                    "change": best["acc"] - base, "majority": best["majority"], "blocks": blocks,
+                    "matrices": sorted({u["matrix"] for u in units[:best["k"]]})})
+    return out

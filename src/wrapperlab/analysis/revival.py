@@ -1,0 +1,135 @@
+"""Revival by reverse fine-tuning, against the Scr.+FT and Scr. baselines (paper.md §4.4, §2.7; Fig. 9, 26).
+
+For a fine-tuned run this trains, through ``wrapperlab.training`` (never a loop of its own):
+- ``reft``: the fine-tuned model, trained back on the pretraining task (family, O_PT) at an LR below the
+  fine-tuning LR (the paper's rule). Default LR: the preset's reFT LR if it is below the fine-tuning LR,
+  otherwise the largest named LR below it (η_S after η_M, η_VS after η_S).
+- ``scr+ft`` (Scr.+FT): a model trained from scratch on (family, O_FT) — "pretrained on the other operand", with
+  the preset's scratch recipe — then trained on (family, O_PT) with exactly the reFT recipe.
+- ``scr`` (Scr.): a model trained from scratch on (family, O_PT) with exactly the reFT recipe (App. E.4).
+
+All three use the fine-tuned run's task and model shape, evaluate on the same seeded sets, and evaluate at
+log-spaced steps (1, 2, 5, 10, …) besides the regular cadence, for a log-x curve. Summary per curve: the first
+evaluated step at which O_PT accuracy (c_test = 0) reaches ``fraction`` (default 90 %) of the pretrained model's
+accuracy, or "not reached" within the steps run. The pretrained accuracy is the fine-tuned run's step-0 value
+(the pretrained model on the same evaluation set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from wrapperlab.analysis.common import AnalysisError, Result, metric_at
+from wrapperlab.training import checkpoint as ck
+from wrapperlab.training.config import ConfigError, build_config, validate
+from wrapperlab.training.presets import named_lrs, preset_dict
+from wrapperlab.training.stage import Stage, resolve
+
+CURVES = ("reft", "scr+ft", "scr")
+
+
+@dataclass(frozen=True)
+class RevivalSettings:
+    lr: float | str | None = None  # None: see module docstring; a name (S, VS, ...) or a number
+    steps: int | None = None  # None: the preset's reFT steps
+    baselines: tuple[str, ...] = ("scr+ft", "scr")
+    fraction: float = 0.9
+    every: int | None = None  # evaluation/checkpoint cadence; None: steps // 10
+    threads: int = 0
+
+    def check(self) -> RevivalSettings:
+        bad = [b for b in self.baselines if b not in CURVES[1:]]
+        if bad:
+            raise AnalysisError(f"baselines: unknown {bad}; choose from scr+ft, scr")
+        if self.steps is not None and self.steps < 1:
+            raise AnalysisError(f"steps: must be >= 1 (got {self.steps})")
+        if not 0 < self.fraction <= 1:
+            raise AnalysisError(f"fraction: must be in (0, 1] (got {self.fraction})")
+        return self
+
+
+def default_reft_lr(preset: str, ft_lr: float) -> float:
+    lrs = named_lrs(preset)
+    pre = preset_dict(preset, "reft")["train"]["lr"]
+    pre = lrs[pre] if isinstance(pre, str) else pre
+    if pre < ft_lr * (1 - 1e-9):
+        return pre
+    below = [v for v in lrs.values() if v < ft_lr * (1 - 1e-9)]
+    if not below:
+        raise AnalysisError(f"lr: no named LR is below the fine-tuning LR {ft_lr:g}; give lr=<number>")
+    return max(below)
+
+
+def _run(stage: str, overrides: list[str], extra: dict, run_dir: Path, progress: bool, log) -> dict:
+    raw = build_config(stage, extra.pop("preset"), None, overrides, extra)
+    try:
+        cfg, parent = resolve(raw)
+    except ConfigError as e:
+        raise AnalysisError(str(e)) from None
+    log(f"{stage} -> {run_dir}")
+    side = Stage(cfg, parent, run_dir).run(progress=progress, log=log)
+    if side.get("status") != "done":
+        raise AnalysisError(f"{run_dir}: {stage} ended with status {side.get('status')!r}")
+    return side
+
+
+def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | None = None,
+            progress: bool = False, log: Callable[[str], None] | None = None) -> Result:
+    """Train the reFT curve and the baselines under ``out`` (reusing finished runs) and summarise them.
+    Rows: curve, step, acc (O_PT, c_test = 0), majority. Side table ``summary``: curve, lr, steps,
+    steps_to_target (None = not reached), target, final_acc."""
+    s = (settings or RevivalSettings()).check()
+    log = log or (lambda _m: None)
+    side = ck.read_sidecar(ft_run)
+    if side.get("stage") != "finetune" or side.get("status") != "done":
+        raise AnalysisError(f"{ft_run}: revival needs a finished finetune run (this is a {side.get('stage')} run, "
+                            f"status {side.get('status')})")
+    cfg = validate(side["config"])
+    fam, o_pt, o_ft = cfg.eval_family, cfg.task.o_pt, cfg.task.o_ft
+    pretrained = metric_at(side["metrics"], fam, o_pt, 0.0, step=0)
+    if pretrained is None:
+        raise AnalysisError(f"{ft_run}: no step-0 evaluation of {fam}/{o_pt} at c_test=0 to compare with")
+    lrs = named_lrs(cfg.preset)
+    lr = default_reft_lr(cfg.preset, cfg.train.lr) if s.lr is None else s.lr
+    lr = lrs.get(lr, lr) if isinstance(lr, str) else lr
+    if isinstance(lr, str):
+        raise AnalysisError(f"lr: unknown name {lr!r}; use one of {', '.join(lrs)} or a number")
+    steps = s.steps or preset_dict(cfg.preset, "reft")["train"]["steps"]
+    every = s.every or max(1, steps // 10)
+    recipe = [f"lr={lr!r}", f"steps={steps}", f"eval.every={every}", "eval.log_spaced=true",
+              f"family={fam}", f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"]
+    base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
+    out = Path(out)
+    sides = {"reft": _run("reft", [f"parent={Path(ft_run).resolve()}", *recipe], dict(base), out / "reft",
+                          progress, log)}
+    shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+    if "scr+ft" in s.baselines:
+        scr_o_ft = _run("scratch", [f"family={fam}", f"operand={o_ft}"], {**base, **shape},
+                        out / f"scratch-{o_ft}", progress, log)
+        del scr_o_ft
+        sides["scr+ft"] = _run("scratch+ft", [f"parent={(out / f'scratch-{o_ft}').resolve()}", *recipe],
+                               dict(base), out / "scratch-ft", progress, log)
+    if "scr" in s.baselines:
+        reft_train = sides["reft"]["config"]["train"]
+        train = {k: v for k, v in reft_train.items() if k not in ("c_train",)}
+        train["operand"] = o_pt
+        sides["scr"] = _run("scratch", [f"eval.every={every}", "eval.log_spaced=true", f"eval.n={cfg.eval.n}",
+                                        f"eval.seed={cfg.eval.seed}"],
+                            {**base, **shape, "train": train}, out / "scratch", progress, log)
+    target = s.fraction * pretrained
+    rows, summary = [], []
+    for curve, sd in sides.items():
+        pts = sorted((r for r in sd["metrics"] if r["family"] == fam and r["operand"] == o_pt
+                      and r["c_test"] == 0.0), key=lambda r: r["step"])
+        for r in pts:
+            rows.append({"curve": curve, "step": r["step"], "acc": r["acc"], "majority": r["majority"]})
+        hit = next((r["step"] for r in pts if r["acc"] >= target), None)
+        summary.append({"curve": curve, "lr": sd["config"]["train"]["lr"], "steps": sd["config"]["train"]["steps"],
+                        "steps_to_target": hit, "target": target, "start_acc": pts[0]["acc"],
+                        "final_acc": pts[-1]["acc"], "run": str(out / {"reft": "reft", "scr+ft": "scratch-ft",
+                                                                        "scr": "scratch"}[curve])})
+    meta = {"settings": asdict(s), "run": str(ft_run), "lr": lr, "steps": steps, "pretrained_acc": pretrained,
+            "target": target, "family": fam, "operand": o_pt, "ft_lr": cfg.train.lr}
+    return Result("revival", rows, meta, {"summary": summary})

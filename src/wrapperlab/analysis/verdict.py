@@ -1,0 +1,137 @@
+"""Verdict for a fine-tuned run: wrapper, deletion, amplification or unchanged (paper.md §1, Fig. 1b).
+
+The paper's three hypotheses for what fine-tuning does to a pretraining capability C: it learns a minimal
+transformation on top of C (a **wrapper**, revivable by pruning or reFT), it **deletes** C, or it **amplifies**
+another relevant capability (the fine-tuning capability is learned while C stays intact). We add
+**unchanged**: fine-tuning moved neither behaviour.
+
+Evidence (each row printed with its value and the threshold it was held to):
+1. behaviour — PT accuracy (O_PT, c_test 0) of the fine-tuned model vs the pretrained model; FT accuracy
+   (O_FT at c_test = c_train's side: we report c_test 0 and 1) vs the pretrained model.
+2. probes — is O_PT still linearly readable? best-layer probe accuracy within ``probe_tolerance`` of the
+   pretrained model's best layer, and at least ``probe_control_margin`` above the random-init control.
+3. pruning — does removing at most ``prune_k`` units raise O_PT accuracy by at least ``prune_gain``, to above
+   the O_PT set's majority rate (so the gain is not a collapse onto one class)?
+4. revival — does reFT reach its target in at most ``revival_ratio`` × the Scr.+FT steps (a baseline that
+   never reaches the target counts as needing more steps than were run)?
+
+Decision: if PT behaviour is kept (drop < ``behaviour_drop``), the verdict is *amplification* when FT accuracy
+rose by at least ``ft_gain`` at c_test = 0 (the task itself, not the spurious rule), else *unchanged*. If PT
+behaviour was lost, each measured mechanistic item (2–4) votes "still there" or "gone": more "still there" →
+*wrapper*; more "gone" → *deletion*; a tie or nothing measured → *undetermined*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from wrapperlab.analysis.common import AnalysisError, Result, metric_at
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    behaviour_drop: float = 0.20  # PT accuracy lost (absolute) that counts as "behaviour lost"
+    ft_gain: float = 0.20  # FT accuracy gained at c_test=0 that counts as "FT capability learned"
+    probe_tolerance: float = 0.10  # best-layer O_PT probe within this of the pretrained model's
+    probe_control_margin: float = 0.20  # ... and at least this above the random-init control
+    prune_k: int = 15  # at most this many units pruned (paper Fig. 7: 5-15 neurons)
+    prune_gain: float = 0.30  # O_PT accuracy gained by pruning
+    revival_ratio: float = 0.5  # reFT needs at most this fraction of the Scr.+FT steps
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def check(self) -> Thresholds:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not v >= 0 or (f.name != "prune_k" and v > 1):
+                rng = ">= 0" if f.name == "prune_k" else "in [0, 1]"
+                raise AnalysisError(f"{f.name}: must be {rng} (got {v})")
+        return self
+
+
+def _row(evidence: str, measured: str, value, threshold: str, passed: bool | None, supports: str) -> dict:
+    return {"evidence": evidence, "measured": measured, "value": value, "threshold": threshold,
+            "passed": passed, "supports": supports}
+
+
+def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None = None,
+            revival: Result | None = None, thresholds: Thresholds | None = None) -> Result:
+    """Combine the evidence for one fine-tuned run (``ft_side`` is its checkpoint sidecar)."""
+    th = (thresholds or Thresholds()).check()
+    if ft_side.get("stage") != "finetune":
+        raise AnalysisError(f"verdict needs a finetune run (got a {ft_side.get('stage')} run)")
+    cfg = ft_side["config"]
+    fam = cfg["eval"].get("family") or cfg["train"].get("family") or "count"
+    o_pt, o_ft = cfg["task"]["o_pt"], cfg["task"]["o_ft"]
+    m = ft_side["metrics"]
+    pt0, pt1 = metric_at(m, fam, o_pt, 0.0, 0), metric_at(m, fam, o_pt, 0.0)
+    ft0_pre, ft0 = metric_at(m, fam, o_ft, 0.0, 0), metric_at(m, fam, o_ft, 0.0)
+    ft1 = metric_at(m, fam, o_ft, 1.0)
+    if None in (pt0, pt1, ft0_pre, ft0):
+        raise AnalysisError(f"run lacks {fam}/{o_pt} and {fam}/{o_ft} evaluations at c_test=0 (step 0 and final)")
+    rows = []
+    drop = pt0 - pt1
+    lost = drop >= th.behaviour_drop
+    rows.append(_row("behaviour", f"PT acc {fam} {o_pt} c0: pretrained {pt0:.3f} -> fine-tuned {pt1:.3f}",
+                     round(drop, 4), f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost"))
+    gain = ft0 - ft0_pre
+    learned = gain >= th.ft_gain
+    extra = f"; c1 {ft1:.3f}" if ft1 is not None else ""
+    rows.append(_row("behaviour", f"FT acc {fam} {o_ft} c0: pretrained {ft0_pre:.3f} -> fine-tuned {ft0:.3f}{extra}",
+                     round(gain, 4), f"gain >= {th.ft_gain} means FT capability learned", learned,
+                     "FT capability learned"))
+    votes: list[bool] = []
+    if probe is not None:
+        summ = {(r["model"], r["target"]): r for r in probe.tables.get("summary", [])}
+        me = summ.get(("finetune", "O_PT"))
+        pre, ctl = summ.get(("pretrained", "O_PT")), summ.get(("random-init", "O_PT"))
+        if me and pre and ctl:
+            kept = me["acc"] >= pre["acc"] - th.probe_tolerance
+            valid = me["acc"] >= ctl["acc"] + th.probe_control_margin
+            ok = kept and valid
+            votes.append(ok)
+            rows.append(_row("probe", f"best-layer O_PT probe: fine-tuned {me['acc']:.3f} ({me['best_layer']}), "
+                                      f"pretrained {pre['acc']:.3f}, random-init {ctl['acc']:.3f}",
+                             round(me["acc"], 4), f">= pretrained - {th.probe_tolerance} and >= random-init + "
+                                                  f"{th.probe_control_margin}", ok, "capability still readable"))
+    if prune is not None:
+        sub = sorted(prune.where(target="O_PT", c_test=0.0), key=lambda r: r["k"])
+        sub = [r for r in sub if r["k"] <= th.prune_k]
+        if sub:
+            best = max(sub, key=lambda r: (r["acc"], -r["k"]))
+            g = best["acc"] - sub[0]["acc"]
+            ok = g >= th.prune_gain and best["acc"] > best["majority"]
+            votes.append(ok)
+            units = prune.tables.get("units", [])[:best["k"]]
+            blocks = sorted({u["block"] for u in units})
+            rows.append(_row("prune", f"O_PT acc c0: K=0 {sub[0]['acc']:.3f} -> K={best['k']} {best['acc']:.3f} "
+                                      f"(majority {best['majority']:.3f}; pruned units in blocks {blocks})",
+                             round(g, 4), f"gain >= {th.prune_gain} with K <= {th.prune_k}, above majority", ok,
+                             "wrapper removable by pruning"))
+    if revival is not None:
+        summ = {r["curve"]: r for r in revival.tables.get("summary", [])}
+        re_, base = summ.get("reft"), summ.get("scr+ft")
+        if re_ and base:
+            r_steps = re_["steps_to_target"]
+            b_steps = base["steps_to_target"] if base["steps_to_target"] is not None else base["steps"] + 1
+            ok = r_steps is not None and r_steps <= th.revival_ratio * b_steps
+            votes.append(ok)
+            b_txt = (base["steps_to_target"] if base["steps_to_target"] is not None
+                     else f"not reached in {base['steps']}")
+            r_txt = r_steps if r_steps is not None else f"not reached in {re_['steps']}"
+            rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}, Scr.+FT {b_txt}",
+                             r_steps, f"reFT <= {th.revival_ratio} x Scr.+FT", ok, "revives faster than baseline"))
+    if not lost:
+        label = "amplification" if learned else "unchanged"
+        why = ("PT behaviour kept and the FT capability was learned" if learned
+               else "neither PT nor FT behaviour moved past its threshold")
+    else:
+        yes, no = sum(votes), len(votes) - sum(votes)
+        label = "wrapper" if yes > no else "deletion" if no > yes else "undetermined"
+        why = (f"PT behaviour lost; {yes} of {len(votes)} mechanistic checks say the capability is still there"
+               if votes else "PT behaviour lost, but no mechanistic evidence was measured")
+    meta = {"verdict": label, "why": why, "thresholds": asdict(th), "family": fam, "o_pt": o_pt, "o_ft": o_ft,
+            "c_train": cfg["train"]["c_train"], "lr": cfg["train"]["lr"]}
+    return Result("verdict", rows, meta)
