@@ -215,6 +215,8 @@ def revival_cmd(
                                              "reFT LR if below the fine-tuning LR, else the next named LR below"),
     steps: int | None = typer.Option(None, help="reFT (and baseline) steps (default: the preset's reFT steps)"),
     baselines: str = typer.Option("scr+ft,scr", help="comma-separated: scr+ft, scr (empty for none)"),
+    scratch_steps: int | None = typer.Option(None, help="steps of the from-scratch O_FT model behind Scr.+FT "
+                                                        "(default: the preset's scratch steps)"),
     fraction: float = typer.Option(0.9, help="target = this fraction of the pretrained model's O_PT accuracy"),
     threads: int | None = typer.Option(None, help="torch threads"),
     progress: bool = typer.Option(True, help="progress bars"),
@@ -235,7 +237,7 @@ def revival_cmd(
             lr_v = lr
     with _errors():
         s = RevivalSettings(lr=lr_v, steps=steps, baselines=tuple(b for b in baselines.split(",") if b.strip()),
-                            fraction=fraction, threads=threads or 0)
+                            fraction=fraction, threads=threads or 0, scratch_steps=scratch_steps)
         res = revival(run, od / "revival", settings=s, progress=progress and not as_json,
                       log=lambda m: err.print(m, highlight=False, markup=False))
     files = [res.save(od / "revival.json"),

@@ -37,14 +37,17 @@ class RevivalSettings:
     baselines: tuple[str, ...] = ("scr+ft", "scr")
     fraction: float = 0.9
     every: int | None = None  # evaluation/checkpoint cadence; None: steps // 10
+    scratch_steps: int | None = None  # steps of the O_FT scratch model behind Scr.+FT; None: the preset's
     threads: int = 0
 
     def check(self) -> RevivalSettings:
         bad = [b for b in self.baselines if b not in CURVES[1:]]
         if bad:
             raise AnalysisError(f"baselines: unknown {bad}; choose from scr+ft, scr")
-        if self.steps is not None and self.steps < 1:
-            raise AnalysisError(f"steps: must be >= 1 (got {self.steps})")
+        for name in ("steps", "scratch_steps", "every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise AnalysisError(f"{name}: must be >= 1 (got {v})")
         if not 0 < self.fraction <= 1:
             raise AnalysisError(f"fraction: must be in (0, 1] (got {self.fraction})")
         return self
@@ -106,9 +109,8 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
                           progress, log)}
     shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     if "scr+ft" in s.baselines:
-        scr_o_ft = _run("scratch", [f"family={fam}", f"operand={o_ft}"], {**base, **shape},
-                        out / f"scratch-{o_ft}", progress, log)
-        del scr_o_ft
+        scr = [f"family={fam}", f"operand={o_ft}"] + ([f"steps={s.scratch_steps}"] if s.scratch_steps else [])
+        _run("scratch", scr, {**base, **shape}, out / f"scratch-{o_ft}", progress, log)
         sides["scr+ft"] = _run("scratch+ft", [f"parent={(out / f'scratch-{o_ft}').resolve()}", *recipe],
                                dict(base), out / "scratch-ft", progress, log)
     if "scr" in s.baselines:
