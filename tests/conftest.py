@@ -17,6 +17,16 @@ def wl(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, exactly one line on stderr, no traceback, and every needle in that line."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> Path:
     """A finished tiny pretraining run (answer loss), shared by tests that need a parent."""

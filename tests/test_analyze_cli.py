@@ -3,19 +3,11 @@
 import json
 
 import pytest
-from conftest import wl
+from conftest import one_line_error, wl
 
 from wrapperlab.training import checkpoint as ck
 
 LABELS = {"wrapper", "deletion", "amplification", "unchanged", "undetermined"}
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,8 @@
 import json
 
 import pytest
-from conftest import TINY, wl
+from conftest import TINY, one_line_error, wl
 from safetensors.torch import load_file
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def test_help_teaches():

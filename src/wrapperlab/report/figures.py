@@ -38,16 +38,17 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path, title: str = "") -> Path:
+def _save(fig, path: str | Path, title: str = "", dpi: int = 110, tight: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -144,12 +145,4 @@ def plot_attention(pattern, labels: list[str], layers: list[int], path: str | Pa
             ax.set_xticks(ticks, [labels[j] for j in ticks], fontsize=4, rotation=90)
             ax.set_yticks(ticks, [labels[j] for j in ticks], fontsize=4)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path, title, dpi=130, tight=False)
