@@ -55,7 +55,7 @@ def main() -> None:
     tokens, answer = torch.from_numpy(batch.tokens), torch.from_numpy(batch.answer)
 
     def step() -> None:
-        loss = compute_loss(model, tokens, answer, cfg.train.loss, task.answer_pos, task.vocab.pad_id)
+        loss = compute_loss(model, task, tokens, answer, cfg.train.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -45,7 +45,7 @@ def plant_gate(model: Transformer, pad_id: int, strength: float = 4.0) -> tuple[
 def _acc(model, task, s, operand, c):
     sets = build_eval_sets(task, "count", list(s.c_tests), s.n_eval, s.seed + 1)
     es = next(x for x in sets if x.operand == operand and x.c_test == c)
-    return float((predict(model, es.batch.tokens, task.answer_pos) == es.batch.answer).mean())
+    return float((predict(model, task, es.batch.tokens) == es.batch.answer).mean())
 
 
 def test_pruning_finds_planted_gate_first_and_revives(counter):
@@ -66,7 +66,7 @@ def test_pruning_finds_planted_gate_first_and_revives(counter):
     k0 = {h["class"]: h["count"] for h in hist if h["k"] == 0}
     es = next(x for x in build_eval_sets(task, "count", [0.0, 1.0], 200, s.seed + 1) if x.operand == "a"
               and x.c_test == 0.0)
-    pred = predict(gated, es.batch.tokens, task.answer_pos)
+    pred = predict(gated, task, es.batch.tokens)
     assert k0 == {task.vocab.tokens[int(t)]: int(c) for t, c in zip(*np.unique(pred, return_counts=True))}
     assert k0[task.vocab.tokens[task.vocab.pad_id]] >= 190  # collapsed onto PAD
     truth = sum(h["count"] for h in hist if h["k"] == "truth")

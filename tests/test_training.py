@@ -55,8 +55,7 @@ def test_answer_loss_is_cross_entropy_at_the_answer_slot():
     art = st.task.seq_len - 3
     assert st.task.vocab.tokens[int(b.tokens[0, art])] == "="
     expected = F.cross_entropy(logits[:, art], torch.from_numpy(b.answer))
-    got = compute_loss(model, tokens, torch.from_numpy(b.answer), "answer", st.task.answer_pos,
-                       st.task.vocab.pad_id)
+    got = compute_loss(model, st.task, tokens, torch.from_numpy(b.answer), "answer")
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -76,7 +75,7 @@ def test_lm_loss_ignores_padding():
             if tokens[i, j] != pad and tokens[i, j + 1] != pad:
                 total += F.cross_entropy(logits[i, j][None], tokens[i, j + 1][None]).item()
                 count += 1
-    got = compute_loss(model, tokens, torch.from_numpy(b.answer), "lm", st.task.answer_pos, pad)
+    got = compute_loss(model, st.task, tokens, torch.from_numpy(b.answer), "lm")
     assert got.item() == pytest.approx(total / count, rel=1e-4)
 
 

@@ -185,10 +185,10 @@ def attention_cmd(
             b = task.sample(n, np.random.default_rng([seed, 11]), family=fam, operand=op, c=c_test)
         except (KeyError, ValueError) as e:
             _fail(f"family/operand: {e}")
-        toks = b.tokens[:, :task.answer_pos] if average else b.tokens[index:index + 1, :task.answer_pos]
-        res = attention(model, toks, vocab=task.vocab, layers=_ints(layers, "layers"))
+        toks = task.answer_inputs(b.tokens if average else b.tokens[index:index + 1])
+        res = attention(model, toks, vocab=task.vocab, query=task.readout, layers=_ints(layers, "layers"))
     what = (f"mean of {average} samples" if average
-            else f"sample {index}: {fam} {op}, answer {task.vocab.tokens[b.answer[index]]}")
+            else f"sample {index}: {fam} {op}, answer {task.output_names[b.answer[index]]}")
     pat = res.arrays["pattern"]
     files = [res.save(od / "attention.json"),
              plot_attention(pat, res.meta["labels"], res.meta["layers"], od / "attention.png", f"{run} — {what}"),

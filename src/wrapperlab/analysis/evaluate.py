@@ -12,19 +12,18 @@ from importlib import resources
 from pathlib import Path
 
 from wrapperlab.tasks.priors import prior_name, resolve_prior
-from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import RunConfig, validate
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
 from wrapperlab.training.presets import named_lrs
-from wrapperlab.training.stage import build_model
+from wrapperlab.training.stage import build_model, make_task
 
 
 def load_run(run_dir: str | Path, device: str = "cpu"):
     """(config, task, model, sidecar) of a run's latest checkpoint; the file is verified and never unpickled."""
     side = ck.read_sidecar(run_dir)
     cfg: RunConfig = validate(side["config"])
-    task = PCFGTask(cfg.task)
+    task = make_task(cfg)
     model = build_model(cfg, task)
     _, tensors = ck.load_tensors(run_dir, side)
     ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(run_dir))

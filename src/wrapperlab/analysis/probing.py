@@ -80,15 +80,15 @@ def layer_names(n_layer: int) -> list[tuple[str, str]]:
 @torch.no_grad()
 def residual_features(model: Transformer, tokens: np.ndarray, position: int, batch_size: int = 512) -> torch.Tensor:
     """Residual stream at ``position`` for every probed layer: a (n_layers + 1, n, d_model) float tensor.
-    ``tokens`` is truncated after ``position`` (causal model: later tokens cannot matter)."""
+    For a causal model ``tokens`` is truncated after ``position`` (later tokens cannot matter)."""
     names = [h for _, h in layer_names(model.cfg.n_layer)]
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     parts = []
     for i in range(0, tokens.shape[0], batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size, :position + 1]).to(device)
-        _, cache = model.run_with_cache(x, names_filter=names, positions=-1)
+        x = tokens[i:i + batch_size, :position + 1] if model.cfg.causal else tokens[i:i + batch_size]
+        _, cache = model.run_with_cache(torch.from_numpy(x).to(device), names_filter=names, positions=position)
         parts.append(torch.stack([cache[n][:, position] for n in names]).float().cpu())
     model.train(was)
     return torch.cat(parts, dim=1)
@@ -133,7 +133,7 @@ def probe(model: Transformer, task: PCFGTask, *, family: str = "count", operands
     s = (settings or ProbeSettings()).check()
     cfg = task.config
     operands = operands or {"O_PT": cfg.o_pt, "O_FT": cfg.o_ft}
-    pos = task.answer_pos - 1
+    pos = task.readout_pos
     layers = layer_names(model.cfg.n_layer)
     rows = []
     for target, op in operands.items():
@@ -141,7 +141,7 @@ def probe(model: Transformer, task: PCFGTask, *, family: str = "count", operands
         te = _data(task, family, op, s.n_test, s.c_test, s.seed, 2)
         acc = train_probes(residual_features(model, tr.tokens, pos), torch.from_numpy(tr.answer),
                            residual_features(model, te.tokens, pos), torch.from_numpy(te.answer),
-                           model.cfg.vocab_size, s)
+                           model.head.out_features, s)
         maj = majority_rate(te.answer)
         for i, (name, _) in enumerate(layers):
             rows.append({"model": label, "layer": name, "layer_index": i, "target": target, "operand": op,

@@ -100,8 +100,8 @@ def pretraining_loss(model: Transformer, task: PCFGTask, family: str, n: int, se
     """Mean answer cross-entropy on ``n`` fresh samples of (family, O_PT) at c = 0."""
     b = task.sample(n, np.random.default_rng([seed, 7]), family=family, operand=task.config.o_pt, c=0.0)
     device = next(model.parameters()).device
-    x = torch.from_numpy(b.tokens[:, :task.answer_pos]).to(device)
-    return F.cross_entropy(model(x, positions=-1), torch.from_numpy(b.answer).to(device))
+    x = torch.from_numpy(task.answer_inputs(b.tokens)).to(device)
+    return F.cross_entropy(model(x, positions=task.readout), torch.from_numpy(b.answer).to(device))
 
 
 def saliency(model: Transformer, task: PCFGTask, *, family: str = "count", settings: PruneSettings | None = None,
@@ -171,7 +171,7 @@ def prune(model: Transformer, task: PCFGTask, *, family: str = "count",
     units, n_candidates = saliency(model, task, family=family, settings=s, top=n_list)
     sets = build_eval_sets(task, family, list(s.c_tests), s.n_eval, s.seed + 1)
     pt0 = next(x for x in sets if x.operand == task.config.o_pt and x.c_test == 0.0)
-    names = task.vocab.tokens
+    names = task.output_names
     pruned = copy.deepcopy(model).eval()
     device = next(model.parameters()).device
     rows, hist = [], []
@@ -186,7 +186,7 @@ def prune(model: Transformer, task: PCFGTask, *, family: str = "count",
         for r in evaluate_sets(pruned, task, sets, str(device)):
             target = "O_PT" if r["operand"] == task.config.o_pt else "O_FT"
             rows.append({"k": k, "target": target, **r})
-        pred = predict(pruned, pt0.batch.tokens, task.answer_pos, str(device))
+        pred = predict(pruned, task, pt0.batch.tokens, str(device))
         for t, c in zip(*np.unique(pred, return_counts=True)):
             hist.append({"k": k, "class": names[int(t)], "count": int(c)})
     listed = [u.row(i + 1) for i, u in enumerate(units)]

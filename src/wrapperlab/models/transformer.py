@@ -5,7 +5,8 @@ untied head (minGPT defaults; the paper states only depth, heads and width). No 
 state any; determinism and exact resumes are simpler without it).
 
 Options for other model families (Tracr ports, issue 4): ``norm="none"``, ``act="relu"``, ``causal=False``,
-``d_head`` independent of ``d_model / n_head``, ``attn_scale``.
+``d_head`` independent of ``d_model / n_head``, ``attn_scale``, ``d_vocab_out`` (an output space other than
+the input vocabulary; see ``models/tracr.py``).
 
 Hook points (names as TransformerLens): ``hook_embed``, ``hook_pos_embed``, ``blocks.{l}.hook_resid_pre``,
 ``blocks.{l}.attn.hook_q|hook_k|hook_v``, ``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.attn.hook_z``,
@@ -37,6 +38,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(0, ge=0, description="0 = taken from the task")
+    d_vocab_out: int | None = Field(None, ge=1, description="output classes; default vocab_size (Tracr ports "
+                                                            "unembed to the program's own output space)")
     seq_len: int = Field(0, ge=0, description="context length; 0 = taken from the task")
     d_model: int = Field(192, ge=1)
     n_layer: int = Field(6, ge=1)
@@ -169,7 +172,7 @@ class Transformer(nn.Module):
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_final = LNFinal(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.d_vocab_out or cfg.vocab_size, bias=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight"):

@@ -36,6 +36,8 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["pcfg"] = "pcfg"
+
     window: int = Field(250, ge=2, le=4096, description="tokens of each string shown to the model")
     o2: dict[str, int] = Field(
         default_factory=lambda: {n: f.default_o2 for n, f in FAMILIES.items()},
@@ -140,6 +142,29 @@ class PCFGTask:
     def answer_pos(self) -> int:
         """Index of the answer token; the model predicts it from position ``answer_pos - 1`` (ART)."""
         return self.seq_len - 2
+
+    # The task protocol shared with TracrTask: what the model sees, where its answer is read, which classes.
+    readout = -1  # logits position of the answer within ``answer_inputs(tokens)`` (ART = the last input)
+
+    @property
+    def readout_pos(self) -> int:
+        """Absolute position (in full sequences) whose output is the answer: ART."""
+        return self.answer_pos - 1
+    spurious_families = SPURIOUS_FAMILIES
+
+    def answer_inputs(self, tokens):
+        """The part of full sequences the model reads to answer (causal: everything before the answer)."""
+        return tokens[:, : self.answer_pos]
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.vocab.tokens
+
+    def spurious_answer(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(answer id of r(x, O_PT) + q, whether that number is in the vocabulary)."""
+        target = batch.value_pt + self.config.q
+        ok = (target >= 0) & (target <= self.config.max_number)
+        return np.where(ok, target, 0) + self.vocab.id("0"), ok
 
     # ---------------------------------------------------------------- strings
     def _strings(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from wrapperlab.models.transformer import ModelConfig
 from wrapperlab.tasks.families import FAMILIES, get_family
 from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
 from wrapperlab.tasks.task import TaskConfig
+from wrapperlab.tasks.tracr_tasks import TracrTaskConfig
 from wrapperlab.training.presets import STAGES, named_lrs, preset_dict, prior_adjustments
 
 SHORTCUTS = {
@@ -28,12 +29,6 @@ SHORTCUTS = {
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
-
-
-def _known_family(v: str | None) -> str | None:
-    if v is not None:
-        get_family(v)
-    return v
 
 
 class TrainConfig(BaseModel):
@@ -56,15 +51,7 @@ class TrainConfig(BaseModel):
     operand: str | None = Field(None, description="None = drawn from the operand prior")
     c_train: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0)
-
-    _family = field_validator("family")(classmethod(lambda cls, v: _known_family(v)))
-
-    @field_validator("operand")
-    @classmethod
-    def _operand(cls, v: str | None) -> str | None:
-        if v is not None and v not in ("a", "b", "c"):
-            raise ValueError(f"unknown operand {v!r}; choose from a, b, c")
-        return v
+    # family and operand are checked against the task in RunConfig (PCFG and Tracr tasks differ)
 
     @property
     def warmup(self) -> int:
@@ -95,7 +82,15 @@ class EvalConfig(BaseModel):
             out.append(x)
         return out
 
-    _family = field_validator("family")(classmethod(lambda cls, v: _known_family(v)))
+    # family is checked against the task in RunConfig
+
+
+def _task_kind(v: Any) -> str:
+    return (v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)) or "pcfg"
+
+
+TaskSpec = Annotated[Annotated[TaskConfig, Tag("pcfg")] | Annotated[TracrTaskConfig, Tag("tracr")],
+                     Discriminator(_task_kind)]
 
 
 class RunConfig(BaseModel):
@@ -103,7 +98,7 @@ class RunConfig(BaseModel):
 
     stage: Literal["pretrain", "finetune", "reft", "scratch", "scratch+ft"]
     preset: str = "cpu"
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: TaskSpec = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -118,9 +113,23 @@ class RunConfig(BaseModel):
             raise ValueError(f"device must be cpu or cuda[:N], got {v!r}")
         return v
 
+    @property
+    def is_tracr(self) -> bool:
+        return self.task.kind == "tracr"
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         t = self.train
+        if self.is_tracr:
+            return self._check_tracr()
+        for name, fam in (("train.family", t.family), ("eval.family", self.eval.family)):
+            if fam is not None:
+                try:
+                    get_family(fam)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+        if t.operand is not None and t.operand not in ("a", "b", "c"):
+            raise ValueError(f"train.operand: unknown operand {t.operand!r}; choose from a, b, c")
         if self.stage in ("finetune", "reft", "scratch+ft") and not self.parent:
             need = {"finetune": "a finished pretrain run", "reft": "a finished finetune run",
                     "scratch+ft": "a finished scratch run"}[self.stage]
@@ -129,8 +138,25 @@ class RunConfig(BaseModel):
             raise ValueError("parent: pretrain starts from scratch; remove parent=")
         if t.c_train > 0 and t.family not in SPURIOUS_FAMILIES:
             raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
-        if self.train.loss == "lm" and self.stage != "pretrain" and t.family is not None:
-            pass  # allowed: LM loss on single-task data
+        return self
+
+    def _check_tracr(self) -> RunConfig:
+        """Tracr tasks (paper.md §3.2): the compiled program is the pretrained model, so a finetune without a
+        parent starts from it; there is no pretrain stage, and the loss is on the answer only."""
+        t, prog = self.train, self.task.program
+        if self.stage == "pretrain":
+            raise ValueError("stage: a Tracr task has no pretrain stage (the compiled program is the pretrained "
+                             "model); use finetune")
+        if self.stage in ("reft", "scratch+ft") and not self.parent:
+            raise ValueError(f"parent: {self.stage} needs parent=RUN_DIR")
+        for name, fam in (("train.family", t.family), ("eval.family", self.eval.family)):
+            if fam not in (None, prog):
+                raise ValueError(f"{name}: the {prog} task has no family {fam!r}")
+        if t.loss != "answer":
+            raise ValueError("train.loss: Tracr programs are trained on the answer only (loss=answer)")
+        if t.operand is not None:
+            from wrapperlab.tasks.tracr_tasks import _check_operand
+            _check_operand(prog, t.operand, "train.operand")
         return self
 
     # identity: everything that changes the result (not device/threads)
@@ -138,8 +164,13 @@ class RunConfig(BaseModel):
         d = self.model_dump(mode="json")
         d.pop("device")
         d.pop("threads")
-        if not d["eval"]["log_spaced"]:  # added later: absent when off, so earlier run ids stay valid
+        # fields added later are left out at their defaults, so earlier run ids stay valid
+        if not d["eval"]["log_spaced"]:
             d["eval"].pop("log_spaced")
+        if d["task"].get("kind") == "pcfg":
+            d["task"].pop("kind")
+        if d["model"].get("d_vocab_out") is None:
+            d["model"].pop("d_vocab_out", None)
         return d
 
     def run_id(self, parent_id: str | None = None) -> str:
@@ -148,10 +179,12 @@ class RunConfig(BaseModel):
 
     @property
     def eval_family(self) -> str:
-        return self.eval.family or self.train.family or "count"
+        return self.eval.family or self.train.family or (self.task.program if self.is_tracr else "count")
 
     @property
     def report_all_families(self) -> bool:
+        if self.is_tracr:
+            return False
         return self.eval.all_families if self.eval.all_families is not None else self.stage == "pretrain"
 
 
@@ -226,7 +259,10 @@ def load_yaml(path: str | Path) -> dict:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+    parts = [str(x) for x in err["loc"] if not str(x).startswith("function-after")]
+    if parts[:2] in (["task", "pcfg"], ["task", "tracr"]):  # the task union's tag is not a field
+        del parts[1]
+    loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"

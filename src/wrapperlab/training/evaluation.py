@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from wrapperlab.tasks.families import FAMILIES
-from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
 from wrapperlab.tasks.task import Batch, PCFGTask
 
 
@@ -37,7 +36,7 @@ def build_eval_sets(task: PCFGTask, family: str, c_tests: list[float], n: int, s
     specs: list[tuple[str, str | None, float]] = []
     for op in (cfg.o_pt, cfg.o_ft):
         for c in c_tests:
-            if c > 0 and family not in SPURIOUS_FAMILIES:
+            if c > 0 and family not in task.spurious_families:
                 continue
             specs.append((family, op, c))
     if all_families:
@@ -54,15 +53,15 @@ def build_eval_sets(task: PCFGTask, family: str, c_tests: list[float], n: int, s
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tokens: np.ndarray, answer_pos: int, device: str = "cpu",
+def predict(model: torch.nn.Module, task, tokens: np.ndarray, device: str = "cpu",
             batch_size: int = 512) -> np.ndarray:
-    """Argmax token id the model predicts for the answer slot (from the ART position)."""
+    """Argmax class the model predicts for the answer slot (PCFG: from the ART position; Tracr: the readout)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, tokens.shape[0], batch_size):
-        x = torch.from_numpy(tokens[i : i + batch_size, :answer_pos]).to(device)
-        out.append(model(x, positions=-1).argmax(-1).cpu().numpy())
+        x = torch.from_numpy(task.answer_inputs(tokens[i : i + batch_size])).to(device)
+        out.append(model(x, positions=task.readout).argmax(-1).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out)
 
@@ -77,13 +76,11 @@ def evaluate_sets(model: torch.nn.Module, task: PCFGTask, sets: list[EvalSet], d
     cfg = task.config
     for s in sets:
         b = s.batch
-        pred = predict(model, b.tokens, task.answer_pos, device)
+        pred = predict(model, task, b.tokens, device)
         row = {"family": s.family, "operand": s.operand, "c_test": s.c_test,
                "acc": float((pred == b.answer).mean()), "majority": majority_rate(b.answer), "n": len(b)}
-        if s.operand == cfg.o_ft and s.family in SPURIOUS_FAMILIES:
-            target = b.value_pt + cfg.q
-            ok = (target >= 0) & (target <= cfg.max_number)
-            spur = np.where(ok, target, 0) + task.vocab.id("0")
+        if s.operand == cfg.o_ft and s.family in task.spurious_families:
+            spur, ok = task.spurious_answer(b)
             row["follows_spurious"] = float(((pred == spur) & ok).mean())
         rows.append(row)
     return rows

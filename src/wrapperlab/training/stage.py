@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from wrapperlab.models.transformer import Transformer
 from wrapperlab.tasks.task import PCFGTask
+from wrapperlab.tasks.tracr_tasks import TracrTask
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, RunConfig, validate
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
@@ -83,6 +84,8 @@ def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
     else:
         cfg = validate(raw)
     # the (family, operand) each single-task stage trains on, when not given
+    if cfg.is_tracr and cfg.train.family is None:
+        cfg.train.family = cfg.task.program
     if cfg.stage != "pretrain" and cfg.train.family is None:
         cfg.train.family = "count"
     if cfg.stage != "pretrain" and cfg.train.operand is None:
@@ -90,9 +93,32 @@ def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
     return cfg, parent
 
 
-def build_model(cfg: RunConfig, task: PCFGTask) -> Transformer:
+def make_task(cfg: RunConfig) -> PCFGTask | TracrTask:
+    return TracrTask(cfg.task) if cfg.is_tracr else PCFGTask(cfg.task)
+
+
+def build_model(cfg: RunConfig, task: PCFGTask | TracrTask) -> Transformer:
+    """A freshly initialised model of the run's shape (a Tracr task fixes the shape to its compiled program's)."""
+    if isinstance(task, TracrTask):
+        return Transformer(task.compiled.config)
     mc = cfg.model.model_copy(update={"vocab_size": len(task.vocab), "seq_len": task.seq_len})
     return Transformer(mc)
+
+
+@torch.no_grad()
+def tracr_init(cfg: RunConfig, task: TracrTask) -> Transformer:
+    """The compiled program as the starting point of a Tracr fine-tune (paper.md §3.2): tracr's weights,
+    function-preservingly rebalanced (``task.balance``), plus N(0, init_noise²) on every weight (seeded)."""
+    from wrapperlab.models.tracr import balance
+
+    model = task.compiled.build().train()
+    if cfg.task.balance:
+        balance(model)
+    if cfg.task.init_noise > 0:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * cfg.task.init_noise)
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -105,11 +131,12 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
 
 
-def compute_loss(model: Transformer, tokens: torch.Tensor, answer: torch.Tensor, kind: str,
-                 answer_pos: int, pad_id: int) -> torch.Tensor:
+def compute_loss(model: Transformer, task, tokens: torch.Tensor, answer: torch.Tensor, kind: str) -> torch.Tensor:
+    """Answer-only cross-entropy at the task's readout, or next-token loss (PCFG) ignoring PAD."""
     if kind == "answer":
-        logits = model(tokens[:, :answer_pos], positions=-1)
+        logits = model(task.answer_inputs(tokens), positions=task.readout)
         return F.cross_entropy(logits, answer)
+    pad_id = task.vocab.pad_id
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     logits = model(inp)
     tgt = tgt.masked_fill((tgt == pad_id) | (inp == pad_id), -100)
@@ -124,12 +151,14 @@ class Stage:
         self.parent_id = parent["run_id"] if parent else None
         self.run_id = cfg.run_id(self.parent_id)
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, self.parent_id)
-        self.task = PCFGTask(cfg.task)
+        self.task = make_task(cfg)
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg, self.task)
+        if self.parent is None and self.cfg.is_tracr and self.cfg.stage == "finetune":
+            model = tracr_init(self.cfg, self.task)
         if self.parent is not None:
             _, tensors = ck.load_tensors(self.cfg.parent, self.parent)
             ck.load_model_state(model, ck.split_prefix(tensors, "model"), f"parent {self.cfg.parent}")
@@ -191,7 +220,6 @@ class Stage:
         t0 = time.perf_counter()
         if step == 0 and not metrics:
             do_eval(0)
-        pad, apos = self.task.vocab.pad_id, self.task.answer_pos
         extra = log_steps(t.steps) if cfg.eval.log_spaced else set()
         bar = _Bar(progress, t.steps, step, f"{cfg.stage}")
         model.train()
@@ -205,7 +233,7 @@ class Stage:
                                          operand=t.operand, c=t.c_train)
                 tokens = torch.from_numpy(batch.tokens).to(cfg.device)
                 answer = torch.from_numpy(batch.answer).to(cfg.device)
-                loss = compute_loss(model, tokens, answer, t.loss, apos, pad)
+                loss = compute_loss(model, self.task, tokens, answer, t.loss)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     status = "diverged"
