@@ -244,8 +244,11 @@ class CompiledModel:
 
     def build(self) -> Transformer:
         model = Transformer(self.config)
-        from wrapperlab.training.checkpoint import load_model_state
-        load_model_state(model, {k: v.clone() for k, v in self.state.items()}, f"tracr program {self.meta.program}")
+        own = model.state_dict()
+        bad = sorted(set(own) ^ set(self.state)) or [k for k in own if own[k].shape != self.state[k].shape]
+        if bad:
+            raise TracrError(f"tracr program {self.meta.program}: weights do not fit the model ({bad[0]!r})")
+        model.load_state_dict({k: v.clone() for k, v in self.state.items()})
         return model.eval()
 
 
@@ -358,7 +361,7 @@ def _stem(name: str) -> str:
 def save(cm: CompiledModel, directory: str | Path) -> Path:
     """Stage 3: ``<dir>/<name>.safetensors`` + ``<dir>/<name>.json`` (the JSON records the tensor file's SHA-256).
     Both are written atomically, tensors first."""
-    from wrapperlab.training.checkpoint import atomic_write_bytes, atomic_write_text
+    from wrapperlab.fileio import atomic_write_bytes, atomic_write_text
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

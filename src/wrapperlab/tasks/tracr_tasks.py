@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wrapperlab.models.tracr import BOS, PAD, CompiledModel, TracrMeta, load
 from wrapperlab.tasks.task import Batch
@@ -55,9 +55,14 @@ class TracrTaskConfig(BaseModel):
             _check_operand(self.program, getattr(self, name), name)
         if self.o_pt == self.o_ft:
             raise ValueError("o_pt and o_ft must differ")
-        if self.q == 0 or abs(self.q) > 8:
-            raise ValueError(f"q must be a non-zero integer with |q| <= 8, got {self.q}")
         return self
+
+    @field_validator("q")
+    @classmethod
+    def _q(cls, v: int) -> int:
+        if v == 0 or abs(v) > 8:
+            raise ValueError("q must be a non-zero integer with |q| <= 8")
+        return v
 
     @property
     def seq_len(self) -> int:

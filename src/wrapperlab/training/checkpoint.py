@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from wrapperlab.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 SIDECAR = "checkpoint.json"
 FORMAT = "wrapperlab-checkpoint/1"
@@ -23,28 +24,6 @@ FORMAT = "wrapperlab-checkpoint/1"
 
 class CheckpointError(ValueError):
     """A missing, corrupt or foreign checkpoint (one-line message)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def read_sidecar(run_dir: str | Path) -> dict:

@@ -69,7 +69,25 @@ CPU = {
 _TWO_OPERAND = {"train": {"batch_size": 128, "steps": 6000}}
 CPU["pretrain_by_prior"] = {"high": _TWO_OPERAND, "medium-high": _TWO_OPERAND, "medium": _TWO_OPERAND}
 
-PRESETS = {"paper": PAPER, "cpu": CPU}
+# Tracr (paper.md §3.2): the compiled program is the pretrained model (no pretrain stage; the model shape comes
+# from the program). SGD with momentum 0.9 (the paper gives no value), batch 96, 10K steps, 2K warmup then cosine
+# to 1e-2 x max, eta_L/M/S/VS = 1e-1/1e-2/1e-3/1e-4. Gradient clipping at 1.0 as for every wrapperlab stage (the
+# paper does not say). tracr-cpu keeps the LRs and the warmup fraction and runs 1K steps (docs/tracr.md).
+_TRACR_FT = {"optimizer": "sgd", "momentum": 0.9, "batch_size": 96, "c_train": 0.0, "loss": "answer",
+             "min_lr_frac": 0.01, "family": None}
+TRACR_PAPER = {
+    "lrs": {"L": 1e-1, "M": 1e-2, "S": 1e-3, "VS": 1e-4},
+    "task": {"kind": "tracr"},
+    "model": {},
+    "eval": {"every": 1000, "n": 2000},
+    "stages": {s: {"train": {**_TRACR_FT, "steps": 10_000, "warmup_steps": 2000, "lr": "M"}} for s in STAGES},
+}
+TRACR_CPU = {**TRACR_PAPER, "eval": {"every": 500, "n": 1000},
+             "stages": {s: {"train": {**_TRACR_FT, "steps": 1000, "warmup_steps": 200, "lr": "M"}} for s in STAGES}}
+for _p in (TRACR_PAPER, TRACR_CPU):
+    _p["stages"]["reft"]["train"]["lr"] = "VS"
+
+PRESETS = {"paper": PAPER, "cpu": CPU, "tracr-paper": TRACR_PAPER, "tracr-cpu": TRACR_CPU}
 
 
 def preset_dict(preset: str, stage: str) -> dict:

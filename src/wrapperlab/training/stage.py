@@ -82,6 +82,14 @@ def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
             raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
                               f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper.md §2.7)")
     else:
+        if (raw.get("task") or {}).get("kind") == "tracr":  # the model is the compiled program's
+            for key in sorted(explicit):
+                if key.startswith("model."):
+                    raise ConfigError(f"{key}: a Tracr model's shape is fixed by its compiled program")
+            prog = raw["task"].get("program", "counter")
+            if prog in ("counter", "max-identifier"):
+                from wrapperlab.models.tracr import load as load_compiled
+                raw["model"] = load_compiled(prog).config.model_dump(mode="json")
         cfg = validate(raw)
     # the (family, operand) each single-task stage trains on, when not given
     if cfg.is_tracr and cfg.train.family is None:
