@@ -108,8 +108,11 @@ def test_counter_block1_head_attends_to_a_at_the_readout():
     task = TracrTask(TracrTaskConfig(program="counter"))
     b = task.sample(200, np.random.default_rng(0), operand="a")
     res = attention(task.compiled.build(), b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
-    assert mass_on(res, 1, 0, "a") > 0.9
-    assert mass_on(res, 1, 0, "b") < 0.01
+    k = np.array([Counter(x)["a"] for x in _letters(task, b.tokens)])
+    # SelectorWidth: the query attends to BOS and to each selected key equally, so the mass on the a's is k/(k+1)
+    assert mass_on(res, 1, 0, "a") == pytest.approx(np.mean(k / (k + 1)), abs=1e-3)
+    assert mass_on(res, 1, 0, "BOS") == pytest.approx(np.mean(1 / (k + 1)), abs=1e-3)
+    assert mass_on(res, 1, 0, "b") < 1e-3
 
 
 def test_tampered_compiled_file_is_refused(tmp_path):

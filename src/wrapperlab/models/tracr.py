@@ -180,7 +180,14 @@ def get_program(name: str) -> ProgramSpec:
 def compile_program(spec: ProgramSpec, mlp_exactness: int | None = None):
     """Stage 1: tracr's ``compile_rasp_to_model`` with wrapperlab's BOS/PAD names."""
     require_tracr()
+    import itertools
+
     from tracr.compiler import compiling
+    from tracr.rasp import rasp
+
+    # RASP labels are name_<global counter>, and labels order the residual basis: restart the counter (above the
+    # ids of expressions tracr's lib builds at import) so a compile does not depend on what ran before it.
+    rasp.RASPExpr._ids = itertools.count(10_000)
     return compiling.compile_rasp_to_model(spec.build(), vocab=set(spec.vocab), max_seq_len=spec.max_seq_len,
                                            causal=spec.causal, compiler_bos=BOS, compiler_pad=PAD,
                                            mlp_exactness=mlp_exactness or spec.mlp_exactness)
