@@ -146,6 +146,10 @@ def test_cli_check_and_compile(tmp_path):
     r = wl("tracr", "compile", "--program", "hist", "--out", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     assert T.load(tmp_path / "hist.json").meta.program == "hist"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    one_line_error(wl("tracr", "compile", "--program", "hist", "--out", str(blocker)), "out")
+    assert blocker.read_text() == "x"
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):

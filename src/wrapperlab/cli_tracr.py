@@ -46,6 +46,8 @@ def compile_cmd(
         path = T.save(cm, out_dir or T.shipped_dir())
     except T.TracrError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"out: cannot write to {out_dir}: {e.strerror}")
     info = {"program": program, "file": str(path), "d_model": cm.config.d_model, "n_layer": cm.config.n_layer,
             "n_head": cm.config.n_head, "d_head": cm.config.d_head, "d_mlp": cm.config.d_mlp,
             "vocab": len(cm.meta.input_vocab), "outputs": len(cm.meta.output_vocab or [0]),

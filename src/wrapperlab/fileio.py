@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -26,3 +27,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+class IntegrityError(ValueError):
+    """A tensor file that is missing, does not match its recorded SHA-256, or is not safetensors."""
+
+
+def read_verified_tensors(path: Path, sha256: str | None) -> dict:
+    """Tensors of a safetensors file after checking its SHA-256 (never unpickled)."""
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"{path}: tensor file missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"{path}: checksum mismatch (truncated or corrupted)")
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise IntegrityError(f"{path}: unreadable safetensors file ({e})") from None

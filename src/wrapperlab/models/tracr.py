@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from wrapperlab.fileio import IntegrityError, read_verified_tensors
 from wrapperlab.models.transformer import ModelConfig, Transformer
 
 BOS, PAD = "BOS", "PAD"  # tracr's compiler_bos / compiler_pad names used throughout wrapperlab
@@ -401,17 +401,14 @@ def load(name_or_path: str | Path) -> CompiledModel:
         raise TracrError(f"{p}: not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise TracrError(f"{p}: not a {FORMAT} file")
-    tp = p.with_suffix(".safetensors")
-    if not tp.is_file():
-        raise TracrError(f"{tp}: tensor file missing")
-    data = tp.read_bytes()
-    if hashlib.sha256(data).hexdigest() != doc.get("sha256"):
-        raise TracrError(f"{tp}: checksum mismatch (truncated or corrupted)")
     try:
-        state = st_load(data)
+        state = read_verified_tensors(p.with_suffix(".safetensors"), doc.get("sha256"))
+    except IntegrityError as e:
+        raise TracrError(str(e)) from None
+    try:
         cfg = ModelConfig.model_validate(doc["model"])
         meta = TracrMeta(**doc["meta"])
-    except Exception as e:  # safetensors/pydantic raise their own types
+    except Exception as e:  # pydantic and dataclass construction raise their own types
         raise TracrError(f"{p}: unreadable compiled model ({e.__class__.__name__})") from None
     return CompiledModel(cfg, state, meta)
 

@@ -13,10 +13,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from wrapperlab.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from wrapperlab.fileio import (  # noqa: F401  (atomic_write_* are re-exported)
+    IntegrityError,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_verified_tensors,
+)
 
 SIDECAR = "checkpoint.json"
 FORMAT = "wrapperlab-checkpoint/1"
@@ -63,14 +67,10 @@ def load_tensors(run_dir: str | Path, side: dict | None = None) -> tuple[dict, d
     p = Path(run_dir) / str(meta.get("file", ""))
     if not meta.get("file") or not p.is_file():
         raise CheckpointError(f"{run_dir}: checkpoint file {meta.get('file')!r} named by the sidecar is missing")
-    data = p.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise CheckpointError(f"{p}: checksum mismatch (truncated or corrupted checkpoint)")
     try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
-    return side, tensors
+        return side, read_verified_tensors(p, meta.get("sha256"))
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
