@@ -15,6 +15,7 @@ from rich.table import Table
 
 from wrapperlab.cli_analyze import analyze_app
 from wrapperlab.cli_common import UserError, _fail, err, out
+from wrapperlab.cli_experiments import register as register_experiments
 from wrapperlab.cli_tracr import tracr_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -24,6 +25,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect the procedurally gene
 app.add_typer(data_app, name="data")
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(tracr_app, name="tracr")
+register_experiments(app)
 
 
 def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:

@@ -74,3 +74,28 @@ def mass_on(result: Result, layer: int, head: int, token: str) -> float:
     """Attention mass the summarised query puts on ``token`` at (layer, head); 0 if none."""
     hit = result.where(layer=layer, head=head, key_token=token)
     return hit[0]["mass"] if hit else 0.0
+
+
+def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
+    """The attention facts of paper.md §3.3 for one fine-tuned run, on n natural O_PT inputs.
+
+    Counter: the attention mass the block-1 head puts, from the readout query, on tokens `a` and `b`
+    (compiled: all of it on `a`). Max-identifier: how intact the block-0 sorting head is — 1 minus the mean
+    total-variation distance between its attention rows and the compiled model's on the same inputs (1 = same).
+    One row; ``meta`` holds the program, LR and c_train of the run."""
+    from wrapperlab.analysis.evaluate import load_run
+
+    cfg, task, model, _ = load_run(run_dir)
+    b = task.sample(n, np.random.default_rng(seed), operand=cfg.task.o_pt)
+    if not cfg.is_tracr:
+        raise AnalysisError(f"{run_dir}: the attention signature is defined for Tracr runs only")
+    meta = {"program": cfg.task.program, "lr": cfg.train.lr, "c_train": cfg.train.c_train, "run": str(run_dir),
+            "n": n, "seed": seed}
+    if cfg.task.program == "counter":
+        res = attention(model, b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
+        row = {"attn_a": mass_on(res, 1, 0, cfg.task.o_pt), "attn_b": mass_on(res, 1, 0, cfg.task.o_ft)}
+        return Result("attention_signature", [row], meta)
+    ft = attention_patterns(model, b.tokens, layers=[0])[:, 0, 0]
+    pt = attention_patterns(task.compiled.build(), b.tokens, layers=[0])[:, 0, 0]
+    tv = 0.5 * np.abs(ft - pt).sum(-1)[:, 1:].mean()  # query rows after BOS
+    return Result("attention_signature", [{"sort_intact": float(1 - tv)}], meta)

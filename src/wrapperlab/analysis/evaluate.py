@@ -62,43 +62,55 @@ def _at(metrics: list[dict], step: int, family: str, operand: str, c: float) -> 
 
 
 def table_grid(root: str | Path) -> list[dict]:
-    """One row per finished fine-tuning run under ``root`` (searched recursively), with the measured cells,
+    """One row per finished PCFG fine-tuning run under ``root`` (searched recursively), with the measured cells,
     the paper's cells for the same (eta name, prior, c_train), and the pretrained model's accuracy."""
-    paper = paper_tables()
     rows = []
     for side_path in sorted(Path(root).rglob(ck.SIDECAR)):
         try:
             side = ck.read_sidecar(side_path.parent)
         except ck.CheckpointError:
             continue
-        if side.get("stage") != "finetune" or side.get("status") != "done":
-            continue
-        cfg = side["config"]
-        fam = cfg["train"]["family"]
-        o_pt, o_ft = cfg["task"]["o_pt"], cfg["task"]["o_ft"]
-        steps = cfg["train"]["steps"]
-        early = max(1, steps // 10)
-        m = side["metrics"]
-        probs = resolve_prior(cfg["task"]["prior"])
-        row = {"run": str(side_path.parent), "family": fam, "lr": cfg["train"]["lr"],
-               "eta": _lr_name(cfg["train"]["lr"], cfg["preset"]), "prior": prior_name(probs),
-               "p_a": probs[0], "c_train": cfg["train"]["c_train"], "steps": steps, "early_step": early}
-        for op_key, op in (("o_pt", o_pt), ("o_ft", o_ft)):
-            row[op_key] = {f"c{c:g}@{tag}": _at(m, s, fam, op, c)
-                           for c in (0.0, 1.0) for tag, s in (("1K", early), ("10K", steps))}
-        row["pretrained"] = {"o_pt": _at(m, 0, fam, o_pt, 0.0), "o_ft": _at(m, 0, fam, o_ft, 0.0)}
-        fs = [r for r in m if r["step"] == steps and r["operand"] == o_ft and r["c_test"] == 0.0
-              and r["family"] == fam]
-        row["follows_spurious_c0"] = 100 * fs[0]["follows_spurious"] if fs and "follows_spurious" in fs[0] else None
-        maj = [r for r in m if r["step"] == steps and r["family"] == fam]
-        row["majority"] = {f"{r['operand']}/c{r['c_test']:g}": 100 * r["majority"] for r in maj}
-        key = "count_200k" if fam == "count" else "index_200k"
-        ref = next((p for p in paper[key]["rows"]
-                    if paper["lr_names"].get(f"{p['lr']:g}") == row["eta"]
-                    and abs(p["p_a"] - probs[0]) < 1e-9 and abs(p["c_train"] - row["c_train"]) < 1e-9), None)
-        row["paper"] = ref
-        row["paper_pretrained"] = paper[key]["pretrained"].get(f"{probs[0]:g}")
-        rows.append(row)
+        row = grid_row(side, side_path.parent)
+        if row is not None:
+            rows.append(row)
+    return sort_grid(rows)
+
+
+def sort_grid(rows: list[dict]) -> list[dict]:
     order = {"L": 0, "M": 1, "S": 2}
-    rows.sort(key=lambda r: (order.get(r["eta"], 9), -r["p_a"], r["c_train"], r["run"]))
-    return rows
+    return sorted(rows, key=lambda r: (order.get(r["eta"], 9), -r["p_a"], r["c_train"], r["run"]))
+
+
+def grid_row(side: dict, run_dir: str | Path, paper: dict | None = None) -> dict | None:
+    """The Table 5-8 row of one finished PCFG fine-tuning run (None for any other run)."""
+    if side.get("stage") != "finetune" or side.get("status") != "done":
+        return None
+    cfg = side["config"]
+    if cfg["task"].get("kind", "pcfg") != "pcfg":
+        return None
+    paper = paper or paper_tables()
+    fam = cfg["train"]["family"]
+    o_pt, o_ft = cfg["task"]["o_pt"], cfg["task"]["o_ft"]
+    steps = cfg["train"]["steps"]
+    early = max(1, steps // 10)
+    m = side["metrics"]
+    probs = resolve_prior(cfg["task"]["prior"])
+    row = {"run": str(run_dir), "family": fam, "lr": cfg["train"]["lr"],
+           "eta": _lr_name(cfg["train"]["lr"], cfg["preset"]), "prior": prior_name(probs),
+           "p_a": probs[0], "c_train": cfg["train"]["c_train"], "steps": steps, "early_step": early}
+    for op_key, op in (("o_pt", o_pt), ("o_ft", o_ft)):
+        row[op_key] = {f"c{c:g}@{tag}": _at(m, s, fam, op, c)
+                       for c in (0.0, 1.0) for tag, s in (("1K", early), ("10K", steps))}
+    row["pretrained"] = {"o_pt": _at(m, 0, fam, o_pt, 0.0), "o_ft": _at(m, 0, fam, o_ft, 0.0)}
+    fs = [r for r in m if r["step"] == steps and r["operand"] == o_ft and r["c_test"] == 0.0
+          and r["family"] == fam]
+    row["follows_spurious_c0"] = 100 * fs[0]["follows_spurious"] if fs and "follows_spurious" in fs[0] else None
+    maj = [r for r in m if r["step"] == steps and r["family"] == fam]
+    row["majority"] = {f"{r['operand']}/c{r['c_test']:g}": 100 * r["majority"] for r in maj}
+    key = "count_200k" if fam == "count" else "index_200k"
+    ref = next((p for p in paper[key]["rows"]
+                if paper["lr_names"].get(f"{p['lr']:g}") == row["eta"]
+                and abs(p["p_a"] - probs[0]) < 1e-9 and abs(p["c_train"] - row["c_train"]) < 1e-9), None)
+    row["paper"] = ref
+    row["paper_pretrained"] = paper[key]["pretrained"].get(f"{probs[0]:g}")
+    return row

@@ -25,7 +25,7 @@ from wrapperlab.analysis.common import AnalysisError, Result, metric_at
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, build_config, validate
 from wrapperlab.training.presets import named_lrs, preset_dict
-from wrapperlab.training.stage import Stage, resolve
+from wrapperlab.training.stage import Stage, default_run_dir, resolve
 
 CURVES = ("reft", "scr+ft", "scr")
 
@@ -65,22 +65,30 @@ def default_reft_lr(preset: str, ft_lr: float) -> float:
     return max(below)
 
 
-def _run(stage: str, overrides: list[str], extra: dict, run_dir: Path, progress: bool, log) -> dict:
+def _run(stage: str, overrides: list[str], extra: dict, run_dir: Path, progress: bool, log,
+         runs_root: Path | None = None) -> tuple[dict, Path]:
+    """Train (or reuse) one stage; returns its sidecar and its directory. With ``runs_root`` the run goes to
+    ``runs_root/<stage>-<run id>`` (a store's canonical place, shared by every revival that needs the same
+    run, e.g. one Scr.+FT baseline for all fine-tuned runs of a grid) instead of ``run_dir``."""
     raw = build_config(stage, extra.pop("preset"), None, overrides, extra)
     try:
         cfg, parent = resolve(raw)
     except ConfigError as e:
         raise AnalysisError(str(e)) from None
+    if runs_root is not None:
+        run_dir = default_run_dir(cfg, parent["run_id"] if parent else None, runs_root)
     log(f"{stage} -> {run_dir}")
     side = Stage(cfg, parent, run_dir).run(progress=progress, log=log)
     if side.get("status") != "done":
         raise AnalysisError(f"{run_dir}: {stage} ended with status {side.get('status')!r}")
-    return side
+    return side, run_dir
 
 
 def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | None = None,
-            progress: bool = False, log: Callable[[str], None] | None = None) -> Result:
-    """Train the reFT curve and the baselines under ``out`` (reusing finished runs) and summarise them.
+            progress: bool = False, log: Callable[[str], None] | None = None,
+            runs_root: str | Path | None = None) -> Result:
+    """Train the reFT curve and the baselines under ``out`` (reusing finished runs) and summarise them; with
+    ``runs_root`` (an experiment store's run directory) every run goes there under its canonical name instead.
     Rows: curve, step, acc (O_PT, c_test = 0), majority. Side table ``summary``: curve, lr, steps,
     steps_to_target (None = not reached), target, final_acc."""
     s = (settings or RevivalSettings()).check()
@@ -105,21 +113,23 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
               f"family={fam}", f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"]
     base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
     out = Path(out)
-    sides = {"reft": _run("reft", [f"parent={Path(ft_run).resolve()}", *recipe], dict(base), out / "reft",
-                          progress, log)}
+    root = Path(runs_root) if runs_root is not None else None
+    sides, dirs = {}, {}
+    sides["reft"], dirs["reft"] = _run("reft", [f"parent={Path(ft_run).resolve()}", *recipe], dict(base),
+                                       out / "reft", progress, log, root)
     shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     if "scr+ft" in s.baselines:
         scr = [f"family={fam}", f"operand={o_ft}"] + ([f"steps={s.scratch_steps}"] if s.scratch_steps else [])
-        _run("scratch", scr, {**base, **shape}, out / f"scratch-{o_ft}", progress, log)
-        sides["scr+ft"] = _run("scratch+ft", [f"parent={(out / f'scratch-{o_ft}').resolve()}", *recipe],
-                               dict(base), out / "scratch-ft", progress, log)
+        _, scr_dir = _run("scratch", scr, {**base, **shape}, out / f"scratch-{o_ft}", progress, log, root)
+        sides["scr+ft"], dirs["scr+ft"] = _run("scratch+ft", [f"parent={scr_dir.resolve()}", *recipe], dict(base),
+                                               out / "scratch-ft", progress, log, root)
     if "scr" in s.baselines:
         reft_train = sides["reft"]["config"]["train"]
         train = {k: v for k, v in reft_train.items() if k not in ("c_train",)}
         train["operand"] = o_pt
-        sides["scr"] = _run("scratch", [f"eval.every={every}", "eval.log_spaced=true", f"eval.n={cfg.eval.n}",
-                                        f"eval.seed={cfg.eval.seed}"],
-                            {**base, **shape, "train": train}, out / "scratch", progress, log)
+        sides["scr"], dirs["scr"] = _run("scratch", [f"eval.every={every}", "eval.log_spaced=true",
+                                                     f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"],
+                                         {**base, **shape, "train": train}, out / "scratch", progress, log, root)
     target = s.fraction * pretrained
     rows, summary = [], []
     for curve, sd in sides.items():
@@ -130,8 +140,7 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
         hit = next((r["step"] for r in pts if r["acc"] >= target), None)
         summary.append({"curve": curve, "lr": sd["config"]["train"]["lr"], "steps": sd["config"]["train"]["steps"],
                         "steps_to_target": hit, "target": target, "start_acc": pts[0]["acc"],
-                        "final_acc": pts[-1]["acc"], "run": str(out / {"reft": "reft", "scr+ft": "scratch-ft",
-                                                                        "scr": "scratch"}[curve])})
+                        "final_acc": pts[-1]["acc"], "run": str(dirs[curve])})
     meta = {"settings": asdict(s), "run": str(ft_run), "lr": lr, "steps": steps, "pretrained_acc": pretrained,
             "target": target, "family": fam, "operand": o_pt, "ft_lr": cfg.train.lr}
     return Result("revival", rows, meta, {"summary": summary})

@@ -43,6 +43,7 @@ def run_table(programs=PROGRAMS, lrs=LRS, c_trains=CPU_C_TRAIN, preset: str = "t
               out: str | Path = "runs/tracr", overrides: tuple[str, ...] = (), threads: int = 0, workers: int = 1,
               log: Callable[[str], None] | None = None) -> list[dict]:
     """Train (or reuse) every cell and return one row per (program, lr, c_train, c_test)."""
+    from wrapperlab.analysis.attention import attention_signature
     from wrapperlab.training.stage import Stage, resolve
 
     log = log or (lambda s: None)
@@ -69,31 +70,9 @@ def run_table(programs=PROGRAMS, lrs=LRS, c_trains=CPU_C_TRAIN, preset: str = "t
     for run_dir, raw in cells:
         cfg, parent = resolve(dict(raw))
         side = Stage(cfg, parent, run_dir).existing() or {}
-        attn = attention_signature(run_dir) if side.get("status") == "done" else {}
+        attn = attention_signature(run_dir).rows[0] if side.get("status") == "done" else {}
         rows += [dict(r, **attn) for r in cell_rows(cfg, side, run_dir)]
     return rows
-
-
-def attention_signature(run_dir: str | Path, n: int = 200, seed: int = 5) -> dict:
-    """The attention facts of paper.md §3.3 for one fine-tuned run, on n natural O_PT inputs.
-
-    Counter: the attention mass the block-1 head puts, from the readout query, on tokens `a` and `b`
-    (compiled: all of it on `a`). Max-identifier: how intact the block-0 sorting head is — 1 minus the mean
-    total-variation distance between its attention rows and the compiled model's on the same inputs (1 = same)."""
-    import numpy as np
-
-    from wrapperlab.analysis.attention import attention, attention_patterns, mass_on
-    from wrapperlab.analysis.evaluate import load_run
-
-    cfg, task, model, _ = load_run(run_dir)
-    b = task.sample(n, np.random.default_rng(seed), operand=cfg.task.o_pt)
-    if cfg.task.program == "counter":
-        res = attention(model, b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
-        return {"attn_a": mass_on(res, 1, 0, cfg.task.o_pt), "attn_b": mass_on(res, 1, 0, cfg.task.o_ft)}
-    ft = attention_patterns(model, b.tokens, layers=[0])[:, 0, 0]
-    pt = attention_patterns(task.compiled.build(), b.tokens, layers=[0])[:, 0, 0]
-    tv = 0.5 * np.abs(ft - pt).sum(-1)[:, 1:].mean()  # query rows after BOS
-    return {"sort_intact": float(1 - tv)}
 
 
 def _train_cell(run_dir: str, raw: dict) -> tuple[str, str]:

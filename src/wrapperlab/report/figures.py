@@ -146,3 +146,53 @@ def plot_attention(pattern, labels: list[str], layers: list[int], path: str | Pa
             ax.set_yticks(ticks, [labels[j] for j in ticks], fontsize=4)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     return _save(fig, path, title, dpi=130, tight=False)
+
+
+def plot_ft_grid(curves: list[dict], path: str | Path, title: str = "") -> Path:
+    """Figs. 5–6: accuracy on O_FT (top row) and O_PT (bottom row) against fine-tuning iterations, one panel per
+    c_test, one line per run. ``curves``: {"label", "rows": [{"step", "operand_key" ("o_pt"|"o_ft"), "c_test",
+    "acc"}]}."""
+    plt = _plt()
+    c_tests = sorted({r["c_test"] for c in curves for r in c["rows"]})
+    fig, axes = plt.subplots(2, max(1, len(c_tests)), figsize=(4.4 * max(1, len(c_tests)), 6.2), squeeze=False,
+                             sharex=True, sharey=True)
+    for col, ct in enumerate(c_tests):
+        for row, key in enumerate(("o_ft", "o_pt")):
+            ax = axes[row][col]
+            for i, c in enumerate(curves):
+                sub = sorted((r for r in c["rows"] if r["operand_key"] == key and r["c_test"] == ct),
+                             key=lambda r: r["step"])
+                ax.plot([r["step"] for r in sub], [100 * r["acc"] for r in sub], color=f"C{i % 10}", marker="o",
+                        ms=2, lw=1.2, label=c["label"])
+            ax.set_title(f"{'O_FT (Fig. 5)' if key == 'o_ft' else 'O_PT (Fig. 6)'}, C_Te = {ct:g}", fontsize=9)
+            ax.set_ylim(-2, 102)
+            if row == 1:
+                ax.set_xlabel("fine-tuning step")
+        axes[0][col].legend(fontsize=6, loc="lower right")
+    axes[0][0].set_ylabel("accuracy %")
+    axes[1][0].set_ylabel("accuracy %")
+    return _save(fig, path, title)
+
+
+def plot_tracr_signatures(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Fig. 10 analog in numbers: per fine-tuned Counter run the block-1 attention mass on `a` and `b`; per
+    Max-identifier run how intact the block-0 sorting head is. ``rows``: {"label", "program", and "attn_a" /
+    "attn_b" or "sort_intact"}."""
+    plt = _plt()
+    cnt = [r for r in rows if "attn_a" in r]
+    mx = [r for r in rows if "sort_intact" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), squeeze=False)
+    ax = axes[0][0]
+    xs = range(len(cnt))
+    ax.bar([x - 0.2 for x in xs], [r["attn_a"] for r in cnt], width=0.4, label="mass on a (O_PT)", color="C0")
+    ax.bar([x + 0.2 for x in xs], [r["attn_b"] for r in cnt], width=0.4, label="mass on b (O_FT)", color="C1")
+    ax.set_xticks(list(xs), [r["label"] for r in cnt], fontsize=7, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Counter: block-1 head, readout query", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    ax.bar(range(len(mx)), [r["sort_intact"] for r in mx], color="C2")
+    ax.set_xticks(list(range(len(mx))), [r["label"] for r in mx], fontsize=7, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Max-identifier: block-0 sorting head intact (1 = compiled)", fontsize=9)
+    return _save(fig, path, title)

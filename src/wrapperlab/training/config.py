@@ -159,11 +159,13 @@ class RunConfig(BaseModel):
             _check_operand(prog, t.operand, "train.operand")
         return self
 
-    # identity: everything that changes the result (not device/threads)
+    # identity: everything that changes the result (not device/threads, and not where the parent lives: the
+    # parent enters the run id through its own run id, so a moved or shared parent keeps its children's ids)
     def identity(self) -> dict:
         d = self.model_dump(mode="json")
         d.pop("device")
         d.pop("threads")
+        d.pop("parent")
         # fields added later are left out at their defaults, so earlier run ids stay valid
         if not d["eval"]["log_spaced"]:
             d["eval"].pop("log_spaced")
@@ -278,9 +280,10 @@ def validate(raw: dict) -> RunConfig:
 
 
 def build_config(stage: str, preset: str = "cpu", file: str | None = None, overrides: list[str] = (),
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, values: dict | None = None) -> dict:
     """Merge preset, file and overrides into a raw dict (named LRs resolved). Validation is separate because
-    the child stages first inherit task/model settings from their parent run."""
+    the child stages first inherit task/model settings from their parent run. ``values`` are overrides already
+    parsed ({dotted key or short name: value}, e.g. from an experiment spec), applied after ``overrides``."""
     if stage not in STAGES:
         raise ConfigError(f"stage: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     try:
@@ -293,6 +296,8 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
             raise ConfigError(f"stage: file {file!r} is for stage {filed['stage']!r}, not {stage!r}")
         raw = deep_merge(raw, filed)
     user = parse_overrides(list(overrides))
+    for key, value in (values or {}).items():
+        set_path(user, SHORTCUTS.get(key, key), value)
     raw = deep_merge(raw, user)
     if file:
         user = deep_merge(filed, user)

@@ -54,14 +54,17 @@ def parent_info(parent: str | None) -> dict | None:
 INHERITED_TASK_KEYS = ("q", "o_pt", "o_ft", "prior", "families")  # may differ from the parent's
 
 
-def resolve(raw: dict) -> tuple[RunConfig, dict | None]:
+def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict | None]:
     """Validate a raw config. A stage that starts from a trained model inherits the parent's model and task
     shapes; the user may change only the task keys in ``INHERITED_TASK_KEYS`` (an explicit attempt to change
-    the window, O' or the model is refused, since the weights could not fit)."""
+    the window, O' or the model is refused, since the weights could not fit).
+
+    ``parent_side`` stands in for the parent's sidecar when the parent does not exist yet (the experiment
+    planner resolves a whole DAG before anything trains); otherwise the sidecar is read from ``raw["parent"]``."""
     raw = dict(raw)
     explicit = set(raw.pop("_explicit", ()))
     raw.pop("_notes", None)
-    parent = parent_info(raw.get("parent"))
+    parent = parent_side if parent_side is not None else parent_info(raw.get("parent"))
     if parent is not None:
         pcfg = parent["config"]
         for key in sorted(explicit):

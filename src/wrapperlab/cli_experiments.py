@@ -1,0 +1,257 @@
+"""``wrapperlab run | runs | report | reproduce``: experiments as data, the store, the HTML report, and the
+one command that turns the paper into evidence (issue 5)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+from wrapperlab.cli_common import _fail, err, out, print_rows
+
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Browse a store: every run with its status, config and final metrics.")
+
+REPRODUCE_PRESETS = ("quick", "full", "paper")
+WORKERS_OPT = typer.Option(2, "--workers", help="parallel worker processes (local) or concurrent tasks (ray)")
+THREADS_OPT = typer.Option(1, "--threads", help="torch threads per worker (results are bit-identical only for "
+                                                "the same thread count)")
+
+
+@contextmanager
+def _errors():
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.experiments.spec import SpecError
+    from wrapperlab.experiments.store import StoreError
+    from wrapperlab.training.checkpoint import CheckpointError
+    from wrapperlab.training.config import ConfigError
+
+    try:
+        yield
+    except (SpecError, StoreError, ConfigError, AnalysisError, CheckpointError) as e:
+        _fail(str(e))
+
+
+def _log(m: str) -> None:
+    err.print(m, highlight=False, markup=False)
+
+
+def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str, address: str | None,
+                 device: str, dry_run: bool, progress: bool) -> dict:
+    """Plan ``spec`` into ``out_dir`` (a store), run what is missing, and return the outcome as a dict."""
+    from wrapperlab.experiments.executors import make_executor, run_plan
+    from wrapperlab.experiments.plan import build_plan
+    from wrapperlab.experiments.store import Store
+
+    if workers < 1:
+        _fail(f"--workers: must be >= 1 (got {workers})")
+    if threads < 0:
+        _fail(f"--threads: must be >= 0 (got {threads})")
+    with _errors():
+        plan = build_plan(spec, out_dir, threads=threads, device=device)
+    if dry_run:
+        rows = [{"kind": n.kind, "label": n.label, "key": n.key, "done": "yes" if n.complete() else "no"}
+                for n in plan.nodes.values()]
+        return {"dry_run": True, "nodes": rows}
+    with _errors():
+        store = Store(out_dir)
+        store.add_experiment(spec.name, spec.model_dump(mode="json"), list(plan.nodes))
+    try:
+        ex = make_executor(executor, workers, threads, address)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    try:
+        outcome = run_plan(plan, ex, store, log=_log, progress=progress)
+    finally:
+        ex.shutdown()
+    return {"store": str(out_dir), **outcome.to_dict()}
+
+
+@contextmanager
+def _interrupt_note(out_dir: Path):
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"interrupted; finished runs and checkpoints are kept in {out_dir} — run the same command again "
+                  f"to resume", highlight=False, markup=False)
+        raise typer.Exit(130) from None
+
+
+def run_cmd(
+    spec_file: Path = typer.Argument(..., help="experiment spec (YAML): run groups with grids, analyses"),
+    out_dir: Path = typer.Option(Path("runs/exp"), "--out", help="the store: runs/, store.sqlite, report/"),
+    workers: int = WORKERS_OPT,
+    threads: int = THREADS_OPT,
+    executor: str = typer.Option("local", help="local (process pool) or ray"),
+    address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local "
+                                                                    "Ray instance)"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (runs, analyses, what is already done) "
+                                                         "and stop"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object"),
+    progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
+) -> None:
+    """Plan an experiment spec as a DAG of runs and analyses, reuse what the store already holds, and run the
+    rest. A run is identified by its resolved config plus its parent, so a shared pretraining run is computed
+    once, and rerunning an interrupted grid resumes where it stopped."""
+    from wrapperlab.experiments.spec import load_spec
+
+    with _errors():
+        spec = load_spec(spec_file)
+    with _interrupt_note(out_dir):
+        res = execute_spec(spec, out_dir, workers, threads, executor, address, device, dry_run, progress)
+    _print_outcome(res, as_json)
+    if res.get("failed"):
+        raise typer.Exit(1)
+
+
+def _print_outcome(res: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(res))
+        return
+    if res.get("dry_run"):
+        print_rows(res["nodes"], {"kind": "kind", "label": "node", "key": "key", "done": "complete"}, "plan")
+        return
+    out.print(f"{res['planned']} nodes: {res['reused']} reused, {res['executed']} executed, {res['failed']} failed, "
+              f"{res['skipped']} skipped; {res['wall_s']:.0f} s. Store: {res['store']}", highlight=False)
+    for key, why in res.get("failures", {}).items():
+        out.print(f"  failed {key}: {why}", highlight=False)
+
+
+@runs_app.command("list")
+def runs_list(
+    store_dir: Path = typer.Argument(Path("runs/exp"), help="the store (an --out of `wrapperlab run`)"),
+    where: list[str] | None = typer.Option(None, "--where", help="key=value filter, repeatable: a column (stage, "
+                                                                 "status, label) or any config field (lr, c_train, "
+                                                                 "task.prior, train.steps ...)"),
+    sync: bool = typer.Option(False, help="re-index every run directory first"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the runs of a store, filtered by any config field."""
+    from wrapperlab.experiments.store import Store, parse_where
+
+    with _errors():
+        store = Store(store_dir, create=False)
+        if sync:
+            store.sync()
+        rows = store.runs(parse_where(where or []))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        r["lr"] = r["config"].get("train", {}).get("lr")
+        r["c_train"] = r["config"].get("train", {}).get("c_train")
+        fin = {f"{m['operand']}/c{m['c_test']:g}": f"{100 * m['acc']:.1f}" for m in r["metrics"]
+               if m.get("family") == (r["config"].get("eval", {}).get("family") or
+                                      r["config"].get("train", {}).get("family"))}
+        r["final"] = " ".join(f"{k} {v}" for k, v in fin.items())
+    print_rows(rows, {"run_id": "run id", "stage": "stage", "status": "status", "label": "label", "lr": "lr",
+                      "c_train": "c_train", "final": "final acc %", "wall_s": "wall s"},
+               f"{len(rows)} runs in {store_dir}")
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str = typer.Argument(..., help="a run id (or a unique prefix)"),
+    store_dir: Path = typer.Option(Path("runs/exp"), "--store", help="the store"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One run: its config, final metrics and the analyses stored for it."""
+    from wrapperlab.experiments.store import Store
+
+    with _errors():
+        store = Store(store_dir, create=False)
+        run = store.run(run_id)
+        run["results"] = store.results(run["run_id"])
+    if as_json:
+        print(json.dumps(run))
+        return
+    out.print(f"run {run['run_id']} ({run['stage']}, {run['status']}): {run['label'] or ''}\n  dir {run['run_dir']}"
+              f"\n  parent {run['parent_id']}", highlight=False)
+    out.print(json.dumps(run["config"], indent=1), highlight=False)
+    print_rows(run["metrics"], {"family": "family", "operand": "operand", "c_test": "c_test", "acc": "acc %",
+                                "majority": "majority %"}, "final metrics")
+    for r in run["results"]:
+        out.print(f"  {r['tool']}: {r['path']}", highlight=False)
+
+
+def report_cmd(
+    target: Path = typer.Argument(..., help="a store (from `wrapperlab run`/`reproduce`), a run directory, or a "
+                                            "folder of runs"),
+    out_dir: Path | None = typer.Option(None, "--out", help="where index.html and the PNGs go (default TARGET/report)"),
+    title: str | None = typer.Option(None, help="page title"),
+    as_json: bool = typer.Option(False, "--json", help="print the claims and the file paths as JSON"),
+) -> None:
+    """Write one self-contained offline HTML report: the paper's claims beside the evidence measured here
+    (reproduced / partial / not reproduced, computed from the stored results), then Figs. 5–10 and the
+    Table 3/5 analogs."""
+    from wrapperlab.report.build import build_report
+
+    if not target.exists():
+        _fail(f"target: {target} does not exist")
+    with _errors():
+        res = build_report(target, out_dir, title)
+    if as_json:
+        print(json.dumps(res))
+        return
+    print_claims(res["claims"])
+    out.print(f"report: {res['path']}", highlight=False)
+
+
+def print_claims(claims: list[dict]) -> None:
+    print_rows([{**c, "evidence": c["evidence"][:160] + ("…" if len(c["evidence"]) > 160 else "")} for c in claims],
+               {"id": "claim", "status": "status", "paper": "paper", "evidence": "measured here"},
+               "claims of the paper, checked against stored results")
+
+
+def reproduce_cmd(
+    preset: str = typer.Option("quick", help="quick (core claims, ~15 min on 2 cores), full (the whole grid of "
+                                             "paper.md §8 at CPU scale; hours, resumable), paper (the paper's scale, "
+                                             "for --device cuda)"),
+    out_dir: Path = typer.Option(Path("runs/reproduce"), "--out", help="where runs, the store and the report go"),
+    workers: int = WORKERS_OPT,
+    threads: int = THREADS_OPT,
+    executor: str = typer.Option("local", help="local or ray"),
+    address: str | None = typer.Option(None, "--ray-address"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
+    show_spec: bool = typer.Option(False, "--show-spec", help="print the preset's experiment spec (YAML) and stop"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome and the claims as one JSON object"),
+    progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
+) -> None:
+    """Reproduce the paper: run the preset's experiment spec (runs, analyses), then write the HTML report and
+    print the claims table. Interrupt it any time; the same command resumes."""
+    from wrapperlab.experiments.spec import parse_spec
+    from wrapperlab.report.build import build_report
+
+    if preset not in REPRODUCE_PRESETS:
+        _fail(f"--preset: unknown {preset!r}; choose from {', '.join(REPRODUCE_PRESETS)}")
+    text = resources.files("wrapperlab.data").joinpath("experiments", f"{preset}.yaml").read_text()
+    if show_spec:
+        print(text)
+        return
+    import yaml
+
+    with _errors():
+        spec = parse_spec(yaml.safe_load(text), f"preset {preset}")
+    with _interrupt_note(out_dir):
+        res = execute_spec(spec, out_dir, workers, threads, executor, address, device, False, progress)
+    with _errors():
+        rep = build_report(out_dir, out_dir / "report", f"wrapperlab reproduce --preset {preset}")
+    if as_json:
+        print(json.dumps({**res, "report": rep["path"], "claims": rep["claims"]}))
+    else:
+        _print_outcome(res, False)
+        print_claims(rep["claims"])
+        out.print(f"report: {rep['path']}", highlight=False)
+    if res.get("failed"):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+    app.add_typer(runs_app, name="runs")
+    app.command("report")(report_cmd)
+    app.command("reproduce")(reproduce_cmd)

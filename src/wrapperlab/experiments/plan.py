@@ -1,0 +1,281 @@
+"""Grid -> DAG of nodes (runs and analyses), and the function that executes one node.
+
+A run node is identified by its run id — the hash of its resolved config plus its parent's run id
+(``RunConfig.run_id``) — and lives in ``STORE/runs/<stage>-<run id>``. So a pretraining run shared by a whole
+grid is one node, two specs that need the same run share it, and a finished run is reused rather than redone.
+Children are resolved before their parents exist: the planner hands ``resolve`` the parent's planned config in
+place of its sidecar, and the worker re-resolves against the real parent and checks the id is unchanged.
+
+An analysis node is (tool, settings, run); its result is ``RUN/analysis/<tool>-<settings hash>.json``. A verdict
+node depends on the probe / prune / revival nodes the spec plans for the same run. Revival trains its reFT and
+baseline runs under the store's ``runs/`` with canonical names, so one Scr.+FT baseline serves every fine-tuned
+run with the same task, model and reFT recipe.
+
+``execute(payload)`` is a plain module-level function of plain data, so a process pool or Ray can run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wrapperlab.experiments.spec import ExperimentSpec, SpecError, matches
+from wrapperlab.training import checkpoint as ck
+from wrapperlab.training.config import ConfigError, build_config
+from wrapperlab.training.stage import default_run_dir, resolve
+
+
+@dataclass
+class Node:
+    key: str  # run id, or "<tool>-<hash>@<run id>"
+    kind: str  # "run" | "analysis"
+    group: str  # spec group name (run) or tool (analysis)
+    label: str
+    point: dict[str, Any]  # grid point, ancestors' keys included (nearest wins)
+    deps: list[str]
+    payload: dict
+    cost: float  # estimated work (arbitrary units, for the whole-plan ETA)
+    run_id: str = ""
+    run_dir: str = ""
+    side: dict = field(default_factory=dict)  # planned sidecar stand-in (runs)
+
+    def complete(self) -> bool:
+        if self.kind == "analysis":
+            return Path(self.payload["result"]).is_file()
+        try:
+            side = ck.read_sidecar(self.run_dir)
+        except ck.CheckpointError:
+            return False
+        return side.get("status") == "done" and side.get("run_id") == self.run_id
+
+
+@dataclass
+class Plan:
+    spec: ExperimentSpec
+    root: Path
+    nodes: dict[str, Node]  # in a valid execution order (parents first)
+
+    def runs(self, group: str | None = None) -> list[Node]:
+        return [n for n in self.nodes.values() if n.kind == "run" and (group is None or n.group == group)]
+
+    def analyses(self, tool: str | None = None) -> list[Node]:
+        return [n for n in self.nodes.values() if n.kind == "analysis" and (tool is None or n.group == tool)]
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _run_cost(cfg) -> float:
+    """~FLOPs of training and evaluation, in units of 1e9 (6 N tokens for a step, 2 N tokens per eval sample)."""
+    m = cfg.model
+    per_layer = 4 * m.d_model * m.n_head * m.head_dim + 2 * m.d_model * m.mlp_dim
+    n_params = m.n_layer * per_layer + m.d_model * (max(m.vocab_size, 1) + (m.d_vocab_out or m.vocab_size))
+    seq = m.seq_len if cfg.is_tracr else cfg.task.window + 12
+    train = 6 * n_params * cfg.train.steps * cfg.train.batch_size * seq
+    n_evals = cfg.train.steps // cfg.eval.every + 1
+    n_sets = 2 * len(cfg.eval.c_test) * (5 if cfg.report_all_families else 1)
+    return (train + 2 * n_params * n_evals * n_sets * cfg.eval.n * seq) / 1e9
+
+
+_ANALYSIS_COST = {"probe": 0.6, "prune": 0.3, "attention": 0.05, "verdict": 0.0}  # x the analysed run's cost
+
+
+def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, device: str = "cpu") -> Plan:
+    """Expand every group's grid below every matching parent run, resolve each config (every error surfaces
+    here, before anything trains), and add the analyses."""
+    root = Path(root).resolve()
+    runs_dir = root / "runs"
+    nodes: dict[str, Node] = {}
+    by_group: dict[str, list[str]] = {}
+    for name, g in spec.runs.items():
+        parents = [None] if g.parent is None else [nodes[k] for k in by_group[g.parent]
+                                                    if matches(nodes[k].point, g.where)]
+        if g.parent is not None and not parents:
+            raise SpecError(f"runs.{name}.where: no run of group {g.parent!r} matches {g.where}")
+        keys = by_group.setdefault(name, [])
+        for pnode in parents:
+            for point in g.points():
+                values = {**_defaults_for(spec.defaults, pnode is not None), **g.set, **point}
+                values.setdefault("threads", threads)
+                values.setdefault("device", device)
+                if pnode is not None:
+                    values["parent"] = pnode.run_dir
+                try:
+                    raw = build_config(g.stage, g.preset, values=values)
+                    cfg, _ = resolve(raw, parent_side=pnode.side if pnode else None)
+                except ConfigError as e:
+                    where = f" (grid point {point})" if point else ""
+                    raise SpecError(f"runs.{name}{where}: {e}") from None
+                rid = cfg.run_id(pnode.run_id if pnode else None)
+                run_dir = default_run_dir(cfg, pnode.run_id if pnode else None, runs_dir)
+                full_point = {**(pnode.point if pnode else {}), **point}
+                desc = " ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+                label = f"{name}{' ' + desc if desc else ''}" + (f" <- {pnode.label}" if pnode else "")
+                if rid in nodes:  # the same run reached twice (e.g. a grid axis that changes nothing)
+                    if rid not in keys:
+                        keys.append(rid)
+                    continue
+                raw.pop("_explicit", None)
+                raw.pop("_notes", None)
+                nodes[rid] = Node(rid, "run", name, label, full_point, [pnode.key] if pnode else [],
+                                  {"kind": "run", "raw": raw, "run_dir": str(run_dir), "run_id": rid},
+                                  _run_cost(cfg), rid, str(run_dir),
+                                  {"config": cfg.model_dump(mode="json"), "run_id": rid, "stage": cfg.stage,
+                                   "status": "done"})
+                keys.append(rid)
+    planned: dict[tuple[str, str], str] = {}  # (tool, run id) -> analysis node key, for verdicts
+    for i, a in enumerate(spec.analyses):
+        targets = [nodes[k] for k in by_group[a.on] if matches(nodes[k].point, a.where)]
+        if not targets:
+            raise SpecError(f"analyses.{i}.where: no run of group {a.on!r} matches {a.where}")
+        _check_settings(a.tool, a.settings, f"analyses.{i}.settings")
+        h = settings_hash(a.settings)
+        for run in targets:
+            key = f"{a.tool}-{h}@{run.run_id}"
+            deps = [run.key]
+            inputs = {}
+            if a.tool == "verdict":
+                for tool in ("probe", "prune", "revival"):
+                    if (tool, run.run_id) in planned:
+                        k = planned[(tool, run.run_id)]
+                        deps.append(k)
+                        inputs[tool] = nodes[k].payload["result"]
+            result = Path(run.run_dir) / "analysis" / f"{a.tool}-{h}.json"
+            cost = run.cost * _ANALYSIS_COST.get(a.tool, 0.0)
+            if a.tool == "revival":
+                cost = 4 * run.cost
+            nodes[key] = Node(key, "analysis", a.tool, f"{a.tool} on {run.label}", run.point, deps,
+                              {"kind": "analysis", "tool": a.tool, "settings": a.settings, "run_dir": run.run_dir,
+                               "run_id": run.run_id, "result": str(result), "inputs": inputs,
+                               "runs_root": str(runs_dir), "threads": threads}, cost, run.run_id, run.run_dir)
+            planned[(a.tool, run.run_id)] = key
+    return Plan(spec, root, nodes)
+
+
+def _defaults_for(defaults: dict, has_parent: bool) -> dict:
+    """A spec's defaults for one run. A child inherits its parent's model and task shape, so the model keys and
+    the task keys it may not change apply to root groups only."""
+    from wrapperlab.training.config import SHORTCUTS
+    from wrapperlab.training.stage import INHERITED_TASK_KEYS
+
+    if not has_parent:
+        return dict(defaults)
+    out = {}
+    for k, v in defaults.items():
+        path = SHORTCUTS.get(k, k)
+        section, _, rest = path.partition(".")
+        if section == "model" or (section == "task" and rest.split(".")[0] not in INHERITED_TASK_KEYS):
+            continue
+        out[k] = v
+    return out
+
+
+def _settings_class(tool: str):
+    from wrapperlab.analysis.probing import ProbeSettings
+    from wrapperlab.analysis.pruning import PruneSettings
+    from wrapperlab.analysis.revival import RevivalSettings
+    from wrapperlab.analysis.verdict import Thresholds
+
+    return {"probe": ProbeSettings, "prune": PruneSettings, "revival": RevivalSettings, "verdict": Thresholds}.get(tool)
+
+
+def _check_settings(tool: str, settings: dict, where: str) -> None:
+    import dataclasses
+
+    cls = _settings_class(tool)
+    allowed = {f.name for f in dataclasses.fields(cls)} if cls else {"n", "seed"}
+    if tool == "probe":
+        allowed.add("preset")
+    bad = sorted(set(settings) - allowed)
+    if bad:
+        raise SpecError(f"{where}: unknown setting(s) {', '.join(bad)} for {tool}; known: {', '.join(sorted(allowed))}")
+
+
+def _make_settings(tool: str, settings: dict, cfg):
+    import dataclasses
+
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.analysis.probing import ProbeSettings
+
+    cls = _settings_class(tool)
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "preset"}
+    if tool == "probe":
+        base = ProbeSettings.for_preset(settings.get("preset", cfg.preset))
+        return dataclasses.replace(base, **kw)
+    if tool == "prune":
+        kw.setdefault("c_tests", tuple(cfg.eval.c_test))
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise AnalysisError(f"{tool} settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------- executing one node
+def execute(payload: dict) -> dict:
+    """Run one node to completion (resuming a run from its last checkpoint). Returns a small summary:
+    {status, wall_s, pid, ...}. Raises on failure; the scheduler records it."""
+    t0 = time.perf_counter()
+    if payload["kind"] == "run":
+        out = _execute_run(payload)
+    else:
+        out = _execute_analysis(payload)
+    out.update(wall_s=round(time.perf_counter() - t0, 2), pid=os.getpid())
+    return out
+
+
+def _execute_run(p: dict) -> dict:
+    from wrapperlab.training.stage import Stage
+
+    cfg, parent = resolve(dict(p["raw"]))
+    rid = cfg.run_id(parent["run_id"] if parent else None)
+    if rid != p["run_id"]:
+        raise RuntimeError(f"run id changed between planning ({p['run_id']}) and execution ({rid})")
+    side = Stage(cfg, parent, p["run_dir"]).run(progress=False)
+    return {"status": side.get("status"), "step": side.get("step")}
+
+
+def _execute_analysis(p: dict) -> dict:
+    import torch
+
+    from wrapperlab.analysis.common import Result
+
+    if p.get("threads"):
+        torch.set_num_threads(p["threads"])
+    tool, run_dir, s = p["tool"], p["run_dir"], p["settings"]
+    side = ck.read_sidecar(run_dir)
+    from wrapperlab.training.config import validate
+
+    cfg = validate(side["config"])
+    if tool == "probe":
+        from wrapperlab.analysis.probing import probe_run
+
+        res = probe_run(run_dir, settings=_make_settings(tool, s, cfg))
+    elif tool == "prune":
+        from wrapperlab.analysis.evaluate import load_run
+        from wrapperlab.analysis.pruning import prune
+
+        cfg, task, model, _ = load_run(run_dir)
+        res = prune(model, task, family=cfg.eval_family, settings=_make_settings(tool, s, cfg))
+    elif tool == "revival":
+        from wrapperlab.analysis.revival import revival
+
+        res = revival(run_dir, Path(p["result"]).with_suffix(""), settings=_make_settings(tool, s, cfg),
+                      runs_root=p["runs_root"])
+    elif tool == "verdict":
+        from wrapperlab.analysis.verdict import verdict
+
+        parts = {k: Result.load(v) for k, v in p["inputs"].items()}
+        res = verdict(side, probe=parts.get("probe"), prune=parts.get("prune"), revival=parts.get("revival"),
+                      thresholds=_make_settings(tool, s, cfg))
+    else:  # attention
+        from wrapperlab.analysis.attention import attention_signature
+
+        res = attention_signature(run_dir, **s)
+    res.save(p["result"])
+    return {"status": "done", "result": p["result"]}

@@ -1,0 +1,318 @@
+"""The claims table: each claim of the paper, the evidence measured here, and a status computed from it.
+
+Nothing here is written by hand except the claims themselves and the rule that judges each one: the evidence is
+read from stored results (run sidecars and analysis JSON files), so editing a stored result changes the verdict.
+Statuses: ``reproduced`` (every measured case agrees with the paper), ``partial`` (some do), ``not reproduced``
+(none do), ``not measured`` (nothing stored bears on the claim; the row says which preset or command measures it).
+
+Claims (paper.md §5; the section and figure are in each row):
+- wrapper: small-LR fine-tuning of a weakly relevant capability learns a wrapper (verdict per run).
+- prune: pruning a few (<= 15) neurons revives the pretraining capability (Fig. 7).
+- probe: O_PT stays linearly readable after fine-tuning (Fig. 8).
+- revival: reFT revives the capability faster than Scr.+FT (Fig. 9).
+- spurious: with C_Tr = 1 the model learns the spurious rule count(a) + 1; with C_Tr = 0 at a large enough LR it
+  learns the task (Table 5).
+- prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6).
+- tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
+- tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
+- tinystories: fine-tuning on stories without Twist only hides the feature (Table 1) — issue 6, not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wrapperlab.analysis.common import Result, metric_at
+from wrapperlab.analysis.evaluate import _lr_name
+from wrapperlab.analysis.verdict import Thresholds
+from wrapperlab.tasks.priors import prior_name, resolve_prior
+from wrapperlab.training import checkpoint as ck
+
+REPRODUCED, PARTIAL, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partial", "not reproduced", "not measured"
+TH = Thresholds()
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    side: dict
+    results: dict[str, Result] = field(default_factory=dict)  # tool -> latest result
+
+    @property
+    def cfg(self) -> dict:
+        return self.side["config"]
+
+    @property
+    def is_tracr(self) -> bool:
+        return self.cfg["task"].get("kind") == "tracr"
+
+    @property
+    def eta(self) -> str:
+        return _lr_name(self.cfg["train"]["lr"], self.cfg["preset"])
+
+    @property
+    def c_train(self) -> float:
+        return self.cfg["train"]["c_train"]
+
+    @property
+    def prior(self) -> str:
+        return "" if self.is_tracr else prior_name(resolve_prior(self.cfg["task"]["prior"]))
+
+    @property
+    def family(self) -> str:
+        return self.cfg["eval"].get("family") or self.cfg["train"].get("family") or "count"
+
+    def acc(self, operand_key: str, c_test: float, step: int | None = None, key: str = "acc") -> float | None:
+        op = self.cfg["task"][operand_key]
+        return metric_at(self.side.get("metrics", []), self.family, op, c_test, step, key)
+
+    def tag(self) -> str:
+        if self.is_tracr:
+            return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
+        return f"{self.prior} prior η{self.eta} C_Tr={self.c_train:g}"
+
+
+@dataclass
+class Evidence:
+    """Every finished run of a store (or one run) with its analysis results."""
+
+    runs: list[RunRecord]
+
+    @classmethod
+    def from_dirs(cls, run_dirs: list[Path]) -> Evidence:
+        recs = []
+        for d in run_dirs:
+            try:
+                side = ck.read_sidecar(d)
+            except ck.CheckpointError:
+                continue
+            if side.get("status") != "done":
+                continue
+            rec = RunRecord(Path(d), side)
+            adir = Path(d) / "analysis"
+            for path in sorted(adir.glob("*.json"), key=lambda p: p.stat().st_mtime) if adir.is_dir() else []:
+                try:
+                    res = Result.load(path)
+                except ValueError:
+                    continue
+                rec.results[res.tool] = res
+            recs.append(rec)
+        return cls(recs)
+
+    def finetunes(self, tracr: bool = False, **match) -> list[RunRecord]:
+        out = []
+        for r in self.runs:
+            if r.side.get("stage") != "finetune" or r.is_tracr != tracr:
+                continue
+            if all(getattr(r, k) in (v if isinstance(v, (list, tuple, set)) else (v,)) for k, v in match.items()):
+                out.append(r)
+        return out
+
+
+def _status(oks: list[bool]) -> str:
+    if not oks:
+        return NOT_MEASURED
+    return REPRODUCED if all(oks) else PARTIAL if any(oks) else NOT_REPRODUCED
+
+
+def _claim(cid: str, claim: str, paper: str, where: str, cases: list[tuple[str, bool]], missing: str,
+           rule: str, excluded: list[str] = ()) -> dict:
+    status = _status([ok for _, ok in cases])
+    evidence = "; ".join(f"{txt} [{'agrees' if ok else 'disagrees'}]" for txt, ok in cases) or missing
+    if excluded:
+        evidence += " | not counted: " + "; ".join(excluded)
+    return {"id": cid, "claim": claim, "paper": paper, "where": where, "evidence": evidence, "rule": rule,
+            "status": status, "cases": len(cases)}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _capable(ev: Evidence, tool: str, **match) -> tuple[list[RunRecord], list[str]]:
+    """Fine-tunes with a stored ``tool`` result whose pretrained model had the capability at all (O_PT accuracy
+    before fine-tuning at least ``behaviour_drop`` above the majority rate): a wrapper or a revival of a
+    capability that never existed means nothing. Returns (usable runs, notes on the excluded ones)."""
+    keep, notes = [], []
+    for r in ev.finetunes(**match):
+        if tool not in r.results:
+            continue
+        pre, maj = r.acc("o_pt", 0.0, step=0), r.acc("o_pt", 0.0, step=0, key="majority")
+        if pre is None or maj is None or pre < maj + TH.behaviour_drop:
+            notes.append(f"{r.tag()} (its pretrained model scores {_pct(pre)} on O_PT, majority {_pct(maj)})")
+        else:
+            keep.append(r)
+    return keep, notes
+
+
+# ----------------------------------------------------------------------------- the claims
+def claim_wrapper(ev: Evidence) -> dict:
+    cases = []
+    runs, excluded = _capable(ev, "verdict", prior="low", eta=("M", "S", "VS"))
+    for r in runs:
+        v = r.results["verdict"]
+        label = v.meta.get("verdict")
+        cases.append((f"{r.tag()}: verdict {label} ({v.meta.get('why')})", label == "wrapper"))
+    return _claim("wrapper", "Fine-tuning a weakly relevant capability (low prior) with a small LR learns a wrapper "
+                  "on top of the pretraining capability rather than deleting it",
+                  "wrapper under η_M/η_S with the low prior (Figs. 7–9)", "§5.1", cases,
+                  "no verdict stored for a low-prior η_M/η_S fine-tune (analysis `verdict`)",
+                  "every low-prior η_M/η_S/η_VS verdict is 'wrapper'", excluded)
+
+
+def claim_prune(ev: Evidence) -> dict:
+    cases = []
+    runs, excluded = _capable(ev, "prune", prior="low", eta=("M", "S", "VS"))
+    for r in runs:
+        p = r.results["prune"]
+        sub = sorted((x for x in p.where(target="O_PT", c_test=0.0) if x["k"] <= TH.prune_k), key=lambda x: x["k"])
+        if not sub:
+            continue
+        best = max(sub, key=lambda x: (x["acc"], -x["k"]))
+        gain = best["acc"] - sub[0]["acc"]
+        ok = gain >= TH.prune_gain and best["acc"] > best["majority"]
+        cases.append((f"{r.tag()}: O_PT {_pct(sub[0]['acc'])} → {_pct(best['acc'])} at K={best['k']} "
+                      f"(majority {_pct(best['majority'])})", ok))
+    return _claim("prune", "Pruning a few neurons (K ≤ 15) of a small-LR fine-tuned model revives the pretraining "
+                  "capability", "O_PT accuracy recovers after pruning 5–15 neurons (Fig. 7)", "§5.1 Fig. 7", cases,
+                  "no pruning result stored for a low-prior η_M/η_S fine-tune (analysis `prune`)",
+                  f"gain ≥ {TH.prune_gain:g} at some K ≤ {TH.prune_k}, ending above the majority rate", excluded)
+
+
+def claim_probe(ev: Evidence) -> dict:
+    cases = []
+    runs, excluded = _capable(ev, "probe", prior="low")
+    for r in runs:
+        p = r.results["probe"]
+        summ = {(x["model"], x["target"]): x for x in p.tables.get("summary", [])}
+        me, pre, ctl = summ.get(("finetune", "O_PT")), summ.get(("pretrained", "O_PT")), summ.get(("random-init",
+                                                                                                    "O_PT"))
+        if not (me and pre and ctl):
+            continue
+        ok = me["acc"] >= pre["acc"] - TH.probe_tolerance and me["acc"] >= ctl["acc"] + TH.probe_control_margin
+        cases.append((f"{r.tag()}: best-layer O_PT probe {_pct(me['acc'])} ({me['best_layer']}) vs pretrained "
+                      f"{_pct(pre['acc'])}, random init {_pct(ctl['acc'])}; behaviour {_pct(r.acc('o_pt', 0.0))}",
+                      ok))
+    return _claim("probe", "The pretraining capability stays linearly readable after fine-tuning",
+                  "count of O_PT decodable with a trend like the pretrained model's; drop only at η_M, low prior "
+                  "(Fig. 8)", "§5.1 Fig. 8", cases, "no probe result stored (analysis `probe`)",
+                  f"within {TH.probe_tolerance:g} of the pretrained model and ≥ random-init + "
+                  f"{TH.probe_control_margin:g}", excluded)
+
+
+def claim_revival(ev: Evidence) -> dict:
+    cases = []
+    runs, excluded = _capable(ev, "revival", prior="low")
+    for r in runs:
+        v = r.results["revival"]
+        summ = {x["curve"]: x for x in v.tables.get("summary", [])}
+        re_, base = summ.get("reft"), summ.get("scr+ft")
+        if not (re_ and base):
+            continue
+        rs, bs = re_["steps_to_target"], base["steps_to_target"]
+        b_eff = bs if bs is not None else base["steps"] + 1
+        ok = rs is not None and rs <= TH.revival_ratio * b_eff
+        cases.append((f"{r.tag()}: reFT reaches {_pct(re_['target'])} O_PT in "
+                      f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
+                      f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok))
+    return _claim("revival", "Reverse fine-tuning revives the pretraining capability much faster than training the "
+                  "same steps from a model that never had it (Scr.+FT)",
+                  "L prior ~3K iterations, H/M 0.1–1K; Scr.+FT 4.5K (Fig. 9)", "§5.1 Fig. 9", cases,
+                  "no revival result stored (analysis `revival`)",
+                  f"reFT reaches the target in ≤ {TH.revival_ratio:g} × Scr.+FT's steps", excluded)
+
+
+def claim_spurious(ev: Evidence) -> dict:
+    cases = []
+    for r in ev.finetunes():
+        ft1, ft0 = r.acc("o_ft", 1.0), r.acc("o_ft", 0.0)
+        if r.c_train == 1.0:
+            fs = r.acc("o_ft", 0.0, key="follows_spurious")
+            if ft1 is None or fs is None:
+                continue
+            cases.append((f"{r.tag()}: O_FT {_pct(ft1)} at C_Te=1, {_pct(ft0)} at C_Te=0 with {_pct(fs)} of answers "
+                          f"= count(a)+1", ft1 >= 0.9 and fs >= 0.8))
+        elif r.c_train == 0.0 and r.eta in ("L", "M") and r.prior in ("low", "medium", "high"):
+            if ft0 is None:
+                continue
+            cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0", ft0 >= 0.9))
+    return _claim("spurious", "With fully correlated data (C_Tr = 1) fine-tuning learns the spurious rule "
+                  "count(a) + 1 instead of the task; without correlation (η_L/η_M) it learns the task",
+                  "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "§5.5 Table 5",
+                  cases, "no PCFG fine-tune with C_Tr ∈ {0, 1} stored",
+                  "C_Tr=1: O_FT ≥ 90 % at C_Te=1 and ≥ 80 % of C_Te=0 answers follow count(a)+1; "
+                  "C_Tr=0 at η_L/η_M: O_FT ≥ 90 % at C_Te=0")
+
+
+def claim_prior(ev: Evidence) -> dict:
+    cases = []
+    fts = ev.finetunes()
+    for hi in (r for r in fts if r.prior in ("high", "medium")):
+        lows = [r for r in fts if r.prior == "low" and r.eta == hi.eta and r.c_train == hi.c_train
+                and r.family == hi.family]
+        for lo in lows:
+            a_hi, a_lo = hi.acc("o_pt", 0.0), lo.acc("o_pt", 0.0)
+            if a_hi is None or a_lo is None:
+                continue
+            cases.append((f"η{hi.eta} C_Tr={hi.c_train:g}: O_PT after FT {_pct(a_hi)} ({hi.prior}) vs {_pct(a_lo)} "
+                          f"(low)", a_hi >= a_lo))
+    return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
+                  "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
+                  "§5.1 Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
+                  "(`wrapperlab reproduce --preset full`)", "O_PT after FT is at least as high with the higher prior")
+
+
+def claim_tracr_attention(ev: Evidence) -> dict:
+    cases = []
+    for r in ev.finetunes(tracr=True):
+        sig = r.results.get("attention_signature")
+        if r.cfg["task"]["program"] != "counter" or sig is None or not sig.rows:
+            continue
+        a, b = sig.rows[0]["attn_a"], sig.rows[0]["attn_b"]
+        if r.eta == "L" and r.c_train == 0.0:
+            cases.append((f"{r.tag()}: block-1 mass on a {a:.2f}, on b {b:.2f} (expected: moves to b)", b > a))
+        elif r.eta in ("S", "VS"):
+            cases.append((f"{r.tag()}: block-1 mass on a {a:.2f}, on b {b:.2f} (expected: stays on a)",
+                           a >= 0.5 and b < 0.1))
+    return _claim("tracr-attention", "Fine-tuning the compiled Counter leaves its block-1 head attending to `a`, "
+                  "except with the large LR and uncorrelated data", "attention stays on a except at the larger LR "
+                  "with C_Tr = 0 (Fig. 10); η_M excluded: App. G says η_M learns b while still attending to a",
+                  "§5.1 Fig. 10", cases, "no Counter attention signature stored (analysis `attention` on a Tracr run)",
+                  "η_S/η_VS: mass on a ≥ 0.5 and on b < 0.1; η_L with C_Tr=0: more mass on b than on a")
+
+
+def claim_tracr_maxid(ev: Evidence) -> dict:
+    runs = [r for r in ev.finetunes(tracr=True) if r.cfg["task"]["program"] == "max-identifier"]
+    vs = [r for r in runs if r.eta == "VS"]
+    others = [r for r in runs if r.eta in ("M", "S")]
+    cases = []
+    for r in vs:
+        sig = r.results.get("attention_signature")
+        intact = sig.rows[0]["sort_intact"] if sig and sig.rows else None
+        ft0 = r.acc("o_ft", 0.0)
+        shown = "n/a" if intact is None else f"{intact:.2f}"
+        cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0, sorting head intact {shown}",
+                      ft0 is not None and ft0 >= 0.8 and (intact is None or intact >= 0.8)))
+    for r in others:
+        ft0 = r.acc("o_ft", 0.0)
+        cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0 (expected: below 80 %)", ft0 is not None and ft0 < 0.8))
+    return _claim("tracr-maxid", "Only the very small LR fine-tunes Max-identifier well (and keeps its sorting head)",
+                  "η_VS: O_FT 82–93 %; η_M/η_S below (App. G, Table 3; the table's η_L rows reach ~99 % at C_Te=0, "
+                  "against the text, so η_L is left out)", "§5.4", cases,
+                  "no Max-identifier fine-tunes stored", "η_VS: O_FT ≥ 80 % at C_Te=0 and sorting intact ≥ 0.8; "
+                  "η_M/η_S: O_FT < 80 %")
+
+
+def claim_tinystories(ev: Evidence) -> dict:
+    return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: a few "
+                  "reFT steps bring it back, and probes still read it", "Twist rate revives within 30–300 reFT "
+                  "steps (Table 1, Fig. 11)", "§6", [], "not built yet (issue 6: TinyStories)", "")
+
+
+CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior,
+          claim_tracr_attention, claim_tracr_maxid, claim_tinystories)
+
+
+def claims_table(ev: Evidence) -> list[dict]:
+    return [c(ev) for c in CLAIMS]
