@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, out, print_rows
+from wrapperlab.cli_common import _fail, err, out, print_rows, user_errors
 
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Tell a wrapper from a deletion: probes, pruning, attention maps, revival by reverse "
@@ -19,19 +18,6 @@ analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 RUN_ARG = typer.Argument(..., help="run directory (a finished wrapperlab run)", show_default=False)
 OUT_OPT = typer.Option(None, "--out", help="where the table and figures go (default RUN/analysis)")
 JSON_OPT = typer.Option(False, "--json", help="print the result as one JSON object")
-
-
-@contextmanager
-def _errors():
-    """Turn the library's user-facing errors into one line and exit code 2."""
-    from wrapperlab.analysis.common import AnalysisError
-    from wrapperlab.training.checkpoint import CheckpointError
-    from wrapperlab.training.config import ConfigError
-
-    try:
-        yield
-    except (AnalysisError, CheckpointError, ConfigError) as e:
-        _fail(str(e))
 
 
 def _out_dir(run: Path, out_dir: Path | None) -> Path:
@@ -84,7 +70,7 @@ def probe_cmd(
 
     od = _out_dir(run, out_dir)
     _threads(threads)
-    with _errors():
+    with user_errors():
         preset = read_sidecar(run)["config"].get("preset", "cpu")
         s = with_overrides(ProbeSettings.for_preset(preset), n_train=n_train, n_test=n_test, iters=iters, seed=seed)
         res = probe_run(run, settings=s, family=family, controls=controls)
@@ -128,7 +114,7 @@ def prune_cmd(
     if k_max < 0:
         _fail(f"k_max: must be >= 0, got {k_max}")
     _threads(threads)
-    with _errors():
+    with user_errors():
         cfg, task, model, _ = load_run(run)
         s = PruneSettings(ks=tuple(_ints(ks, "ks") or range(k_max + 1)), unit=unit,
                           matrices=tuple(m.strip() for m in matrices.split(",") if m.strip()), n_grad=n_grad,
@@ -177,7 +163,7 @@ def attention_cmd(
         _fail("average and index must be >= 0")
     if not 0 <= c_test <= 1:
         _fail(f"c_test: must be in [0, 1], got {c_test}")
-    with _errors():
+    with user_errors():
         cfg, task, model, _ = load_run(run)
         fam, op = family or cfg.eval_family, operand or cfg.task.o_pt
         n = average or index + 1
@@ -235,7 +221,7 @@ def revival_cmd(
             lr_v = float(lr)
         except ValueError:
             lr_v = lr
-    with _errors():
+    with user_errors():
         s = RevivalSettings(lr=lr_v, steps=steps, baselines=tuple(b for b in baselines.split(",") if b.strip()),
                             fraction=fraction, threads=threads or 0, scratch_steps=scratch_steps)
         res = revival(run, od / "revival", settings=s, progress=progress and not as_json,
@@ -288,7 +274,7 @@ def verdict_cmd(
     def log(m: str) -> None:
         err.print(m, highlight=False, markup=False)
 
-    with _errors():
+    with user_errors():
         side = read_sidecar(run)
         th.check()
         if side.get("stage") != "finetune":

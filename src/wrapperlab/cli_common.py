@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -20,6 +22,22 @@ def _fail(msg: str) -> None:
     """Exit 2 with one line on stderr naming what is wrong."""
     print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user-facing errors (bad config, spec, store, checkpoint or analysis request) into one
+    line on stderr and exit code 2."""
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.experiments.spec import SpecError
+    from wrapperlab.experiments.store import StoreError
+    from wrapperlab.training.checkpoint import CheckpointError
+    from wrapperlab.training.config import ConfigError
+
+    try:
+        yield
+    except (AnalysisError, CheckpointError, ConfigError, SpecError, StoreError) as e:
+        _fail(str(e))
 
 
 def print_rows(rows: list[dict], columns: dict[str, str], title: str = "") -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, out, print_rows
+from wrapperlab.cli_common import _fail, err, out, print_rows, user_errors
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Browse a store: every run with its status, config and final metrics.")
@@ -19,20 +19,6 @@ REPRODUCE_PRESETS = ("quick", "full", "paper")
 WORKERS_OPT = typer.Option(2, "--workers", help="parallel worker processes (local) or concurrent tasks (ray)")
 THREADS_OPT = typer.Option(1, "--threads", help="torch threads per worker (results are bit-identical only for "
                                                 "the same thread count)")
-
-
-@contextmanager
-def _errors():
-    from wrapperlab.analysis.common import AnalysisError
-    from wrapperlab.experiments.spec import SpecError
-    from wrapperlab.experiments.store import StoreError
-    from wrapperlab.training.checkpoint import CheckpointError
-    from wrapperlab.training.config import ConfigError
-
-    try:
-        yield
-    except (SpecError, StoreError, ConfigError, AnalysisError, CheckpointError) as e:
-        _fail(str(e))
 
 
 def _log(m: str) -> None:
@@ -50,13 +36,13 @@ def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str,
         _fail(f"--workers: must be >= 1 (got {workers})")
     if threads < 0:
         _fail(f"--threads: must be >= 0 (got {threads})")
-    with _errors():
+    with user_errors():
         plan = build_plan(spec, out_dir, threads=threads, device=device)
     if dry_run:
         rows = [{"kind": n.kind, "label": n.label, "key": n.key, "done": "yes" if n.complete() else "no"}
                 for n in plan.nodes.values()]
         return {"dry_run": True, "nodes": rows}
-    with _errors():
+    with user_errors():
         store = Store(out_dir)
         store.add_experiment(spec.name, spec.model_dump(mode="json"), list(plan.nodes))
     try:
@@ -99,7 +85,7 @@ def run_cmd(
     once, and rerunning an interrupted grid resumes where it stopped."""
     from wrapperlab.experiments.spec import load_spec
 
-    with _errors():
+    with user_errors():
         spec = load_spec(spec_file)
     with _interrupt_note(out_dir):
         res = execute_spec(spec, out_dir, workers, threads, executor, address, device, dry_run, progress)
@@ -133,7 +119,7 @@ def runs_list(
     """List the runs of a store, filtered by any config field."""
     from wrapperlab.experiments.store import Store, parse_where
 
-    with _errors():
+    with user_errors():
         store = Store(store_dir, create=False)
         if sync:
             store.sync()
@@ -162,7 +148,7 @@ def runs_show(
     """One run: its config, final metrics and the analyses stored for it."""
     from wrapperlab.experiments.store import Store
 
-    with _errors():
+    with user_errors():
         store = Store(store_dir, create=False)
         run = store.run(run_id)
         run["results"] = store.results(run["run_id"])
@@ -192,7 +178,7 @@ def report_cmd(
 
     if not target.exists():
         _fail(f"target: {target} does not exist")
-    with _errors():
+    with user_errors():
         res = build_report(target, out_dir, title)
     if as_json:
         print(json.dumps(res))
@@ -234,11 +220,11 @@ def reproduce_cmd(
         return
     import yaml
 
-    with _errors():
+    with user_errors():
         spec = parse_spec(yaml.safe_load(text), f"preset {preset}")
     with _interrupt_note(out_dir):
         res = execute_spec(spec, out_dir, workers, threads, executor, address, device, False, progress)
-    with _errors():
+    with user_errors():
         rep = build_report(out_dir, out_dir / "report", f"wrapperlab reproduce --preset {preset}")
     if as_json:
         print(json.dumps({**res, "report": rep["path"], "claims": rep["claims"]}))

@@ -113,13 +113,17 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
     log(f"{len(nodes)} nodes planned ({len(plan.runs())} runs, {len(plan.analyses())} analyses): "
         f"{len(done)} already complete, {len(todo)} to execute on {executor.name} "
         f"({executor.slots} slot{'s' if executor.slots > 1 else ''})")
+    level = _bottom_levels(nodes)
     bar = _PlanBar(progress, total)
     running: dict[Future, str] = {}
     failed: set[str] = set()
     spent = 0.0
     try:
         while todo or running:
-            for key in list(todo):
+            # critical path first: among ready nodes, the one with the most estimated work below it (itself plus
+            # its longest chain of dependants) starts first, so pretraining and revival do not wait behind
+            # short analyses
+            for key in sorted(todo, key=lambda k: -level[k]):
                 if len(running) >= executor.slots:
                     break
                 n = nodes[key]
@@ -176,6 +180,18 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
                 fut.cancel()
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def _bottom_levels(nodes: dict[str, Node]) -> dict[str, float]:
+    """Each node's cost plus the costliest chain of nodes that depend on it (nodes are in topological order)."""
+    children: dict[str, list[str]] = {k: [] for k in nodes}
+    for k, n in nodes.items():
+        for d in n.deps:
+            children[d].append(k)
+    level: dict[str, float] = {}
+    for k in reversed(list(nodes)):
+        level[k] = nodes[k].cost + max((level[c] for c in children[k]), default=0.0)
+    return level
 
 
 def _record(store: Store, n: Node, res: dict | None) -> None:

@@ -122,10 +122,15 @@ class ExperimentSpec(BaseModel):
             if g.parent is not None:
                 if g.parent not in self.runs:
                     raise ValueError(f"runs.{name}.parent: no run group named {g.parent!r} (have {', '.join(names)})")
-                if names.index(g.parent) >= names.index(name):
-                    raise ValueError(f"runs.{name}.parent: group {g.parent!r} must be listed before {name!r}")
             elif g.where:
                 raise ValueError(f"runs.{name}.where: filters parents, but the group has no parent")
+        for name in names:  # parent links must not loop
+            seen, cur = [name], self.runs[name].parent
+            while cur is not None:
+                if cur in seen:
+                    raise ValueError(f"runs.{name}.parent: the parent links loop ({' -> '.join(seen + [cur])})")
+                seen.append(cur)
+                cur = self.runs[cur].parent
         for i, a in enumerate(self.analyses):
             if a.on not in self.runs:
                 raise ValueError(f"analyses.{i}.on: no run group named {a.on!r} (have {', '.join(names)})")
@@ -133,6 +138,23 @@ class ExperimentSpec(BaseModel):
                 raise ValueError(f"analyses.{i}.on: {a.tool} needs a finetune group, {a.on!r} is "
                                  f"{self.runs[a.on].stage}")
         return self
+
+
+def group_order(spec: ExperimentSpec) -> list[str]:
+    """Group names with every parent before its children (YAML order otherwise)."""
+    out: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in out:
+            return
+        parent = spec.runs[name].parent
+        if parent is not None:
+            visit(parent)
+        out.append(name)
+
+    for name in spec.runs:
+        visit(name)
+    return out
 
 
 def _first_error(e: ValidationError) -> str:

@@ -1,0 +1,228 @@
+"""The claims table and the HTML report (issue 5 item 4).
+
+The claim rules are checked on hand-built evidence whose expected statuses follow from each rule's definition;
+the end-to-end tests run a real (tiny) grid, edit a stored result and see the status move, and load the report in
+a real headless browser (Debian's chromium via Playwright)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import one_line_error, wl
+
+from wrapperlab.analysis.common import Result
+from wrapperlab.report.claims import (
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    PARTIAL,
+    REPRODUCED,
+    Evidence,
+    RunRecord,
+    claim_prune,
+    claim_revival,
+    claim_spurious,
+    claim_tracr_attention,
+    claim_wrapper,
+)
+from wrapperlab.training.presets import named_lrs
+
+
+def _metrics(step: int, vals: dict) -> list[dict]:
+    """vals: {(operand, c_test): (acc, majority[, follows_spurious])}"""
+    out = []
+    for (op, c), v in vals.items():
+        row = {"step": step, "family": "count", "operand": op, "c_test": c, "acc": v[0], "majority": v[1]}
+        if len(v) > 2:
+            row["follows_spurious"] = v[2]
+        out.append(row)
+    return out
+
+
+def pcfg_run(eta: str, c_train: float, *, pre_a=0.99, post_a=0.1, post_b1=1.0, post_b0=0.25, fs0=0.9,
+             prior="low", results=None) -> RunRecord:
+    side = {"stage": "finetune", "status": "done", "run_id": f"{eta}{c_train}", "step": 100,
+            "config": {"preset": "cpu", "task": {"kind": "pcfg", "prior": prior, "o_pt": "a", "o_ft": "b"},
+                       "train": {"lr": named_lrs("cpu")[eta], "c_train": c_train, "family": "count"},
+                       "eval": {"family": None}},
+            "metrics": _metrics(0, {("a", 0.0): (pre_a, 0.45), ("b", 0.0): (0.3, 0.48), ("b", 1.0): (0.01, 0.46)})
+            + _metrics(100, {("a", 0.0): (post_a, 0.45), ("b", 0.0): (post_b0, 0.48, fs0),
+                             ("b", 1.0): (post_b1, 0.46)})}
+    return RunRecord(Path(f"/x/{eta}{c_train}"), side, results or {})
+
+
+def prune_result(acc_by_k: dict[int, float], majority=0.45) -> Result:
+    return Result("prune", [{"k": k, "target": "O_PT", "c_test": 0.0, "acc": a, "majority": majority}
+                            for k, a in acc_by_k.items()])
+
+
+def test_prune_claim_follows_its_rule():
+    good = pcfg_run("S", 1.0, results={"prune": prune_result({0: 0.10, 1: 0.80, 2: 0.60})})
+    small = pcfg_run("M", 1.0, results={"prune": prune_result({0: 0.10, 1: 0.30})})  # gain 0.2 < 0.3
+    collapse = pcfg_run("M", 1.0, results={"prune": prune_result({0: 0.10, 5: 0.45})})  # not above majority
+    late = pcfg_run("S", 1.0, results={"prune": prune_result({0: 0.10, 16: 0.95})})  # K beyond 15 is not counted
+    assert claim_prune(Evidence([good]))["status"] == REPRODUCED
+    assert claim_prune(Evidence([good, small]))["status"] == PARTIAL
+    assert claim_prune(Evidence([small, collapse]))["status"] == NOT_REPRODUCED
+    assert claim_prune(Evidence([late]))["status"] == NOT_REPRODUCED
+    assert claim_prune(Evidence([pcfg_run("S", 1.0)]))["status"] == NOT_MEASURED
+    # a large LR is not part of the claim; a model that never had the capability is not counted
+    assert claim_prune(Evidence([pcfg_run("L", 1.0, results=good.results)]))["status"] == NOT_MEASURED
+    unable = pcfg_run("S", 1.0, pre_a=0.5, results=good.results)
+    c = claim_prune(Evidence([unable]))
+    assert c["status"] == NOT_MEASURED and "not counted" in c["evidence"]
+
+
+def test_wrapper_revival_and_spurious_claims_follow_their_rules():
+    verdict = lambda label: Result("verdict", [], {"verdict": label, "why": "test"})  # noqa: E731
+    ev = Evidence([pcfg_run("S", 1.0, results={"verdict": verdict("wrapper")}),
+                   pcfg_run("M", 1.0, results={"verdict": verdict("deletion")})])
+    assert claim_wrapper(ev)["status"] == PARTIAL
+
+    def rev(reft, base, base_steps=500):
+        return Result("revival", [], {}, {"summary": [
+            {"curve": "reft", "steps_to_target": reft, "steps": 500, "target": 0.9},
+            {"curve": "scr+ft", "steps_to_target": base, "steps": base_steps, "target": 0.9}]})
+
+    assert claim_revival(Evidence([pcfg_run("S", 1.0, results={"revival": rev(50, None)})]))["status"] == REPRODUCED
+    assert claim_revival(Evidence([pcfg_run("S", 1.0, results={"revival": rev(50, 100)})]))["status"] == REPRODUCED
+    assert claim_revival(Evidence([pcfg_run("S", 1.0, results={"revival": rev(60, 100)})]))["status"] == \
+        NOT_REPRODUCED  # 60 > 0.5 x 100
+    assert claim_revival(Evidence([pcfg_run("S", 1.0, results={"revival": rev(None, None)})]))["status"] == \
+        NOT_REPRODUCED
+    # spurious: C_Tr=1 must score on C_Te=1 and follow count(a)+1 on C_Te=0; C_Tr=0 at L/M must learn the task
+    assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("L", 0.0, post_b0=0.97)]))["status"] == REPRODUCED
+    assert claim_spurious(Evidence([pcfg_run("M", 1.0, fs0=0.5)]))["status"] == NOT_REPRODUCED
+    assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("M", 0.0, post_b0=0.5)]))["status"] == PARTIAL
+
+
+def test_tracr_attention_claim():
+    def run(eta, c, a, b):
+        side = {"stage": "finetune", "status": "done", "run_id": eta, "step": 10, "metrics": [],
+                "config": {"preset": "tracr-cpu", "task": {"kind": "tracr", "program": "counter", "o_pt": "a",
+                                                           "o_ft": "b"},
+                           "train": {"lr": named_lrs("tracr-cpu")[eta], "c_train": c}, "eval": {}}}
+        return RunRecord(Path(eta), side, {"attention_signature": Result("attention_signature",
+                                                                         [{"attn_a": a, "attn_b": b}])})
+
+    assert claim_tracr_attention(Evidence([run("S", 0.0, 0.7, 0.0), run("L", 0.0, 0.1, 0.8)]))["status"] == \
+        REPRODUCED
+    assert claim_tracr_attention(Evidence([run("S", 0.0, 0.7, 0.0), run("L", 0.0, 0.9, 0.0)]))["status"] == PARTIAL
+    assert claim_tracr_attention(Evidence([run("M", 0.0, 0.9, 0.0)]))["status"] == NOT_MEASURED  # η_M: no prediction
+
+
+# ----------------------------------------------------------------------------- end to end on real stored results
+CAPABLE = {
+    "name": "tiny-capable",
+    "runs": {
+        "pt": {"stage": "pretrain", "set": {"task.window": 32, "model.d_model": 32, "model.n_layer": 1,
+                                            "model.n_head": 2, "family": "count", "lr": 0.003, "steps": 400,
+                                            "batch_size": 64, "eval.n": 200, "eval.every": 200, "threads": 1}},
+        "ft": {"stage": "finetune", "parent": "pt", "set": {"steps": 40, "eval.every": 20, "eval.n": 200,
+                                                            "batch_size": 32, "threads": 1},
+               "grid": {"lr": ["S"], "c_train": [1]}},
+        "counter": {"stage": "finetune", "preset": "tracr-cpu",
+                    "set": {"task.program": "counter", "steps": 5, "eval.every": 5, "eval.n": 40, "batch_size": 8,
+                            "threads": 1}, "grid": {"lr": ["S"]}},
+    },
+    "analyses": [{"tool": "prune", "on": "ft", "settings": {"ks": [0, 1, 2], "n_grad": 128, "n_eval": 100}},
+                 {"tool": "verdict", "on": "ft"},
+                 {"tool": "attention", "on": "counter", "settings": {"n": 20}}],
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    spec = tmp / "spec.yaml"
+    spec.write_text(yaml.safe_dump(CAPABLE, sort_keys=False))
+    r = wl("run", str(spec), "--out", str(tmp / "store"), "--no-progress", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return tmp / "store"
+
+
+def _claims(store: Path, out: Path) -> dict:
+    r = wl("report", str(store), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return {c["id"]: c for c in json.loads(r.stdout)["claims"]}
+
+
+def test_claims_are_computed_from_stored_results(store, tmp_path):
+    before = _claims(store, tmp_path / "r1")
+    assert set(before) == {"wrapper", "prune", "probe", "revival", "spurious", "prior", "tracr-attention",
+                           "tracr-maxid", "tinystories"}
+    assert before["tinystories"]["status"] == NOT_MEASURED
+    assert before["wrapper"]["status"] in (REPRODUCED, NOT_REPRODUCED)  # the pretrained model counts: measured
+    # edit the stored verdict: the claim's status follows
+    (vfile,) = list(store.glob("runs/finetune-*/analysis/verdict-*.json"))
+    d = json.loads(vfile.read_text())
+    d["meta"]["verdict"] = "deletion" if before["wrapper"]["status"] == REPRODUCED else "wrapper"
+    vfile.write_text(json.dumps(d))
+    after = _claims(store, tmp_path / "r2")
+    assert after["wrapper"]["status"] != before["wrapper"]["status"]
+    # edit a stored attention signature (η_S: expected to stay on a)
+    (afile,) = list(store.glob("runs/finetune-*/analysis/attention-*.json"))
+    d = json.loads(afile.read_text())
+    d["rows"][0].update(attn_a=0.05, attn_b=0.9)
+    afile.write_text(json.dumps(d))
+    assert _claims(store, tmp_path / "r3")["tracr-attention"]["status"] == NOT_REPRODUCED
+    d["rows"][0].update(attn_a=0.9, attn_b=0.0)
+    afile.write_text(json.dumps(d))
+    assert _claims(store, tmp_path / "r4")["tracr-attention"]["status"] == REPRODUCED
+
+
+def test_report_of_a_single_run_and_bad_targets(store, tmp_path):
+    (ft,) = [d for d in (store / "runs").iterdir() if d.name.startswith("finetune") and (d / "analysis").is_dir()
+             and list((d / "analysis").glob("prune-*"))]
+    r = wl("report", str(ft), "--out", str(tmp_path / "one"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert Path(res["path"]).is_file() and any("fig7_prune" in f for f in res["figures"])
+    one_line_error(wl("report", str(tmp_path / "missing")), "does not exist")
+    (tmp_path / "empty").mkdir()
+    one_line_error(wl("report", str(tmp_path / "empty")), "neither a run directory nor a store")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("WRAPPERLAB_REQUIRE_BROWSER"),
+                    reason="Debian's chromium is not installed (CI installs it and sets WRAPPERLAB_REQUIRE_BROWSER)")
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api") if not os.environ.get("WRAPPERLAB_REQUIRE_BROWSER") \
+        else __import__("playwright.sync_api", fromlist=["sync_playwright"])
+    out = tmp_path / "html"
+    r = wl("report", str(store), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    page_path = Path(res["path"])
+    problems, requests = [], []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                    if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda q: problems.append(f"request failed: {q.url[:80]}"))
+            page.on("request", lambda q: requests.append(q.url))
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+            claim_rows = page.evaluate("document.querySelectorAll('#claims tr').length")
+            statuses = page.evaluate("Array.from(document.querySelectorAll('#claims .status')).map(e => e.textContent)")
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == len(res["figures"]) >= 3  # Figs. 5-6, 7, 10 at least
+    assert all(done and width > 0 for done, width, _ in images), images
+    assert claim_rows == 1 + len(res["claims"])
+    assert statuses == [c["status"] for c in res["claims"]]
+    # self-contained: nothing but the page itself (images are inline data URIs) was requested over any network
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    # the PNGs are also written beside the page
+    assert all(Path(f).is_file() and Path(f).parent == out for f in res["figures"])
