@@ -163,6 +163,36 @@ def test_killed_grid_resumes_without_redoing_finished_runs(tmp_path):
     assert finished() == 7
 
 
+def test_a_failed_node_skips_its_dependants_and_the_rest_completes(tmp_path):
+    # matrix names are only known once the model exists: this prune fails when it runs
+    spec = tiny_spec(analyses=[
+        {"tool": "prune", "on": "ft", "where": {"lr": "S", "c_train": 1}, "settings": {"matrices": ["nope"]}},
+        {"tool": "verdict", "on": "ft", "where": {"lr": "S", "c_train": 1}},
+        {"tool": "prune", "on": "ft", "where": {"lr": "M", "c_train": 1}, "settings": {"ks": [0, 1], "n_grad": 32,
+                                                                                      "n_eval": 20}}])
+    path = write(tmp_path, spec)
+    r = wl("run", str(path), "--out", str(tmp_path / "store"), "--json", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["planned"], res["failed"], res["skipped"]) == (10, 1, 1)
+    assert res["executed"] == 8  # 7 runs + the good prune
+    (why,) = res["failures"].values()
+    assert "matrices" in why and "nope" in why
+    again = json.loads(wl("run", str(path), "--out", str(tmp_path / "store"), "--json", "--no-progress").stdout)
+    assert (again["reused"], again["executed"], again["failed"]) == (8, 0, 1)
+
+
+@pytest.mark.parametrize("analysis, needle", [
+    ({"tool": "prune", "on": "ft", "settings": {"ks": [-1, 2]}}, "ks"),
+    ({"tool": "revival", "on": "ft", "where": {"lr": "S"}, "settings": {"lr": 1.0}}, "smaller"),
+    ({"tool": "attention", "on": "ft", "settings": {"n": 0}}, "attention"),
+])
+def test_bad_analysis_settings_fail_at_planning(tmp_path, analysis, needle):
+    spec = tiny_spec(analyses=[analysis])
+    one_line_error(wl("run", str(write(tmp_path, spec)), "--out", str(tmp_path / "s"), "--no-progress"),
+                   "analyses.0", needle)
+
+
 def test_store_filters_by_any_config_field(tmp_path):
     store = tmp_path / "store"
     assert wl("run", str(write(tmp_path, tiny_spec())), "--out", str(store), "--no-progress").returncode == 0
@@ -258,3 +288,38 @@ def test_ray_executor_gives_the_local_executors_results(tmp_path):
         for res in (d / "analysis").glob("*.json") if (d / "analysis").is_dir() else []:
             assert json.loads(res.read_text())["rows"] == \
                 json.loads((local_runs[name] / "analysis" / res.name).read_text())["rows"]
+
+
+# ----------------------------------------------------------------------------- reproduce
+@pytest.mark.parametrize("preset", ["quick", "full", "paper"])
+def test_reproduce_presets_are_valid_specs_whose_every_config_resolves(tmp_path, preset):
+    r = wl("reproduce", "--preset", preset, "--show-spec")
+    assert r.returncode == 0, r.stderr
+    spec = parse_spec(yaml.safe_load(r.stdout))
+    plan = build_plan(spec, tmp_path)  # resolves every run's config (parents included) without training
+    groups = {n.group for n in plan.runs()}
+    assert {"pt", "counter", "maxid"} <= groups
+    tools = {n.group for n in plan.analyses()}
+    assert tools == {"probe", "prune", "revival", "verdict", "attention"}
+    if preset == "paper":
+        assert {n.side["config"]["preset"] for n in plan.runs()} == {"paper", "tracr-paper"}
+        assert {n.side["config"]["train"]["steps"] for n in plan.runs("pt")} == {200_000, 50_000}
+
+
+def test_reproduce_rejects_an_unknown_preset():
+    one_line_error(wl("reproduce", "--preset", "huge"), "--preset", "quick")
+
+
+@pytest.mark.slow
+def test_reproduce_quick_end_to_end(tmp_path):
+    """The whole quick preset as a user runs it (~15 min on 2 cores): every node runs, the report is written, and
+    every claim that quick measures gets a computed status (whether it reproduces is a result, not asserted)."""
+    r = wl("reproduce", "--out", str(tmp_path / "rq"), "--json", "--no-progress", timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["failed"] == 0 and res["executed"] == res["planned"]
+    assert Path(res["report"]).is_file()
+    status = {c["id"]: c["status"] for c in res["claims"]}
+    for cid in ("wrapper", "prune", "probe", "revival", "spurious", "tracr-attention", "tracr-maxid"):
+        assert status[cid] != "not measured", (cid, res["claims"])
+    assert status["prior"] == status["tinystories"] == "not measured"

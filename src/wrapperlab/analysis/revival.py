@@ -65,22 +65,76 @@ def default_reft_lr(preset: str, ft_lr: float) -> float:
     return max(below)
 
 
-def _run(stage: str, overrides: list[str], extra: dict, run_dir: Path, progress: bool, log,
+@dataclass(frozen=True)
+class RevivalRun:
+    """One training run behind a revival curve: a stage, its overrides, and which run it starts from
+    ("ft" = the fine-tuned run, another RevivalRun's ``name``, or None)."""
+
+    name: str
+    curve: str | None
+    stage: str
+    overrides: tuple[str, ...]
+    extra: dict
+    parent: str | None
+
+    def raw(self, parent_dir: str | Path | None) -> dict:
+        extra = dict(self.extra)
+        over = list(self.overrides) + ([f"parent={Path(parent_dir).resolve()}"] if parent_dir is not None else [])
+        return build_config(self.stage, extra.pop("preset"), None, over, extra)
+
+
+def revival_runs(cfg, s: RevivalSettings) -> tuple[list[RevivalRun], dict]:
+    """The runs ``revival`` trains for a fine-tuned run of config ``cfg``, in dependency order, and the resolved
+    recipe (lr, steps). The experiment planner uses the same list to make them nodes of its DAG."""
+    fam, o_pt, o_ft = cfg.eval_family, cfg.task.o_pt, cfg.task.o_ft
+    lrs = named_lrs(cfg.preset)
+    lr = default_reft_lr(cfg.preset, cfg.train.lr) if s.lr is None else s.lr
+    lr = lrs.get(lr, lr) if isinstance(lr, str) else lr
+    if isinstance(lr, str):
+        raise AnalysisError(f"lr: unknown name {lr!r}; use one of {', '.join(lrs)} or a number")
+    steps = s.steps or preset_dict(cfg.preset, "reft")["train"]["steps"]
+    every = s.every or max(1, steps // 10)
+    recipe = (f"lr={lr!r}", f"steps={steps}", f"eval.every={every}", "eval.log_spaced=true",
+              f"family={fam}", f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}")
+    base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
+    shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+    reft = RevivalRun("reft", "reft", "reft", recipe, base, "ft")
+    runs = [reft]
+    if "scr+ft" in s.baselines:
+        scr = (f"family={fam}", f"operand={o_ft}") + ((f"steps={s.scratch_steps}",) if s.scratch_steps else ())
+        runs.append(RevivalRun(f"scratch-{o_ft}", None, "scratch", scr, {**base, **shape}, None))
+        runs.append(RevivalRun("scratch-ft", "scr+ft", "scratch+ft", recipe, base, f"scratch-{o_ft}"))
+    if "scr" in s.baselines:
+        # exactly the reFT recipe, from scratch, on (family, O_PT)
+        ft_side = {"config": cfg.model_dump(mode="json"), "run_id": "planned", "stage": "finetune",
+                   "status": "done"}
+        try:
+            reft_cfg, _ = resolve(reft.raw("ft-run"), parent_side=ft_side)
+        except ConfigError as e:
+            raise AnalysisError(str(e)) from None
+        train = {k: v for k, v in reft_cfg.train.model_dump(mode="json").items() if k != "c_train"}
+        train["operand"] = o_pt
+        runs.append(RevivalRun("scratch", "scr", "scratch", (f"eval.every={every}", "eval.log_spaced=true",
+                                                              f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"),
+                               {**base, **shape, "train": train}, None))
+    return runs, {"lr": lr, "steps": steps}
+
+
+def _run(r: RevivalRun, parent_dir: Path | None, run_dir: Path, progress: bool, log,
          runs_root: Path | None = None) -> tuple[dict, Path]:
     """Train (or reuse) one stage; returns its sidecar and its directory. With ``runs_root`` the run goes to
     ``runs_root/<stage>-<run id>`` (a store's canonical place, shared by every revival that needs the same
     run, e.g. one Scr.+FT baseline for all fine-tuned runs of a grid) instead of ``run_dir``."""
-    raw = build_config(stage, extra.pop("preset"), None, overrides, extra)
     try:
-        cfg, parent = resolve(raw)
+        cfg, parent = resolve(r.raw(parent_dir))
     except ConfigError as e:
         raise AnalysisError(str(e)) from None
     if runs_root is not None:
         run_dir = default_run_dir(cfg, parent["run_id"] if parent else None, runs_root)
-    log(f"{stage} -> {run_dir}")
+    log(f"{r.stage} -> {run_dir}")
     side = Stage(cfg, parent, run_dir).run(progress=progress, log=log)
     if side.get("status") != "done":
-        raise AnalysisError(f"{run_dir}: {stage} ended with status {side.get('status')!r}")
+        raise AnalysisError(f"{run_dir}: {r.stage} ended with status {side.get('status')!r}")
     return side, run_dir
 
 
@@ -98,38 +152,20 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
         raise AnalysisError(f"{ft_run}: revival needs a finished finetune run (this is a {side.get('stage')} run, "
                             f"status {side.get('status')})")
     cfg = validate(side["config"])
-    fam, o_pt, o_ft = cfg.eval_family, cfg.task.o_pt, cfg.task.o_ft
+    fam, o_pt = cfg.eval_family, cfg.task.o_pt
     pretrained = metric_at(side["metrics"], fam, o_pt, 0.0, step=0)
     if pretrained is None:
         raise AnalysisError(f"{ft_run}: no step-0 evaluation of {fam}/{o_pt} at c_test=0 to compare with")
-    lrs = named_lrs(cfg.preset)
-    lr = default_reft_lr(cfg.preset, cfg.train.lr) if s.lr is None else s.lr
-    lr = lrs.get(lr, lr) if isinstance(lr, str) else lr
-    if isinstance(lr, str):
-        raise AnalysisError(f"lr: unknown name {lr!r}; use one of {', '.join(lrs)} or a number")
-    steps = s.steps or preset_dict(cfg.preset, "reft")["train"]["steps"]
-    every = s.every or max(1, steps // 10)
-    recipe = [f"lr={lr!r}", f"steps={steps}", f"eval.every={every}", "eval.log_spaced=true",
-              f"family={fam}", f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"]
-    base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
+    plan, recipe = revival_runs(cfg, s)
+    lr, steps = recipe["lr"], recipe["steps"]
     out = Path(out)
     root = Path(runs_root) if runs_root is not None else None
-    sides, dirs = {}, {}
-    sides["reft"], dirs["reft"] = _run("reft", [f"parent={Path(ft_run).resolve()}", *recipe], dict(base),
-                                       out / "reft", progress, log, root)
-    shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
-    if "scr+ft" in s.baselines:
-        scr = [f"family={fam}", f"operand={o_ft}"] + ([f"steps={s.scratch_steps}"] if s.scratch_steps else [])
-        _, scr_dir = _run("scratch", scr, {**base, **shape}, out / f"scratch-{o_ft}", progress, log, root)
-        sides["scr+ft"], dirs["scr+ft"] = _run("scratch+ft", [f"parent={scr_dir.resolve()}", *recipe], dict(base),
-                                               out / "scratch-ft", progress, log, root)
-    if "scr" in s.baselines:
-        reft_train = sides["reft"]["config"]["train"]
-        train = {k: v for k, v in reft_train.items() if k not in ("c_train",)}
-        train["operand"] = o_pt
-        sides["scr"], dirs["scr"] = _run("scratch", [f"eval.every={every}", "eval.log_spaced=true",
-                                                     f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"],
-                                         {**base, **shape, "train": train}, out / "scratch", progress, log, root)
+    dirs: dict[str, Path] = {"ft": Path(ft_run)}
+    sides, curve_dirs = {}, {}
+    for r in plan:
+        sd, dirs[r.name] = _run(r, dirs[r.parent] if r.parent else None, out / r.name, progress, log, root)
+        if r.curve:
+            sides[r.curve], curve_dirs[r.curve] = sd, dirs[r.name]
     target = s.fraction * pretrained
     rows, summary = [], []
     for curve, sd in sides.items():
@@ -140,7 +176,7 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
         hit = next((r["step"] for r in pts if r["acc"] >= target), None)
         summary.append({"curve": curve, "lr": sd["config"]["train"]["lr"], "steps": sd["config"]["train"]["steps"],
                         "steps_to_target": hit, "target": target, "start_acc": pts[0]["acc"],
-                        "final_acc": pts[-1]["acc"], "run": str(dirs[curve])})
+                        "final_acc": pts[-1]["acc"], "run": str(curve_dirs[curve])})
     meta = {"settings": asdict(s), "run": str(ft_run), "lr": lr, "steps": steps, "pretrained_acc": pretrained,
             "target": target, "family": fam, "operand": o_pt, "ft_lr": cfg.train.lr}
     return Result("revival", rows, meta, {"summary": summary})

@@ -117,7 +117,7 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
     bar = _PlanBar(progress, total)
     running: dict[Future, str] = {}
     failed: set[str] = set()
-    spent = 0.0
+    spent, busy = 0.0, 0.0  # estimated work finished; worker-seconds it took
     try:
         while todo or running:
             # critical path first: among ready nodes, the one with the most estimated work below it (itself plus
@@ -155,7 +155,7 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
                     failed.add(key)
                     out.failed[key] = f"{type(e).__name__}: {msg}"
                     if n.kind == "run":
-                        store.index_run(n.run_dir) or store.set_status(n.run_id, "failed")
+                        store.index_run(n.run_dir)  # what the last checkpoint holds, if any
                         store.set_status(n.run_id, "failed")
                     log(f"FAILED {n.label}: {type(e).__name__}: {msg}")
                     continue
@@ -169,7 +169,9 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
                 out.executed.append(key)
                 _record(store, n, res)
                 el = time.perf_counter() - t0
-                eta = el / spent * (total - spent) if spent > 0 else float("nan")
+                busy += float(res.get("wall_s", 0.0))
+                # work per worker-second so far, times the slots: robust to which nodes happened to finish first
+                eta = (total - spent) * busy / spent / executor.slots if spent > 0 and busy > 0 else float("nan")
                 log(f"[{len(out.executed)}/{len(nodes) - out.reused}] {n.label}: done in {res.get('wall_s', 0):.0f} s "
                     f"(elapsed {el:.0f} s, plan ETA {eta:.0f} s)")
                 bar.advance(n.cost)
@@ -199,11 +201,6 @@ def _record(store: Store, n: Node, res: dict | None) -> None:
         store.index_run(n.run_dir, label=n.label)
         return
     store.add_result(n.run_id, n.group, n.key, n.payload["result"], {"settings": n.payload["settings"]})
-    if n.group == "revival":  # its reFT and baseline runs are runs of the store too
-        from wrapperlab.analysis.common import Result
-
-        for row in Result.load(n.payload["result"]).tables.get("summary", []):
-            store.index_run(row["run"], label=f"revival {row['curve']} of {n.run_id}")
 
 
 class _PlanBar:

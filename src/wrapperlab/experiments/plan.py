@@ -80,13 +80,12 @@ def _run_cost(cfg) -> float:
     train = 6 * n_params * cfg.train.steps * cfg.train.batch_size * seq
     n_evals = cfg.train.steps // cfg.eval.every + 1
     n_sets = 2 * len(cfg.eval.c_test) * (5 if cfg.report_all_families else 1)
-    flops = (train + 2 * n_params * n_evals * n_sets * cfg.eval.n * seq) / 1e9
-    # Tracr models are wide and shallow with few heads: measured ~3.5x faster per estimated FLOP than the PCFG
-    # models on this CPU (quick preset: Counter 1K steps 115 s vs. an estimate 2.6x a 148 s PCFG fine-tune)
-    return flops * (0.3 if cfg.is_tracr else 1.0)
+    # checked against the quick preset on this CPU (1 thread): PCFG fine-tune 8.4K units in 148 s, pretraining
+    # 12.2K in 206-267 s, Tracr Counter 4.6K in 84-125 s
+    return (train + 2 * n_params * n_evals * n_sets * cfg.eval.n * seq) / 1e9
 
 
-_ANALYSIS_COST = {"probe": 0.6, "prune": 0.3, "attention": 0.05, "verdict": 0.0}  # x the analysed run's cost
+_ANALYSIS_COST = {"probe": 0.6, "prune": 0.3, "attention": 0.05, "verdict": 0.0, "revival": 0.0}  # x the run's cost
 
 
 def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, device: str = "cpu") -> Plan:
@@ -141,6 +140,7 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
         _check_settings(a.tool, a.settings, f"analyses.{i}.settings")
         h = settings_hash(a.settings)
         for run in targets:
+            _check_values(a.tool, a.settings, run, f"analyses.{i}.settings")
             key = f"{a.tool}-{h}@{run.run_id}"
             deps = [run.key]
             inputs = {}
@@ -150,16 +150,54 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
                         k = planned[(tool, run.run_id)]
                         deps.append(k)
                         inputs[tool] = nodes[k].payload["result"]
+            if a.tool == "revival":
+                deps += _revival_nodes(nodes, run, a.settings, runs_dir, f"analyses.{i}")
             result = Path(run.run_dir) / "analysis" / f"{a.tool}-{h}.json"
             cost = run.cost * _ANALYSIS_COST.get(a.tool, 0.0)
-            if a.tool == "revival":
-                cost = 4 * run.cost
             nodes[key] = Node(key, "analysis", a.tool, f"{a.tool} on {run.label}", run.point, deps,
                               {"kind": "analysis", "tool": a.tool, "settings": a.settings, "run_dir": run.run_dir,
                                "run_id": run.run_id, "result": str(result), "inputs": inputs,
                                "runs_root": str(runs_dir), "threads": threads}, cost, run.run_id, run.run_dir)
             planned[(a.tool, run.run_id)] = key
     return Plan(spec, root, nodes)
+
+
+def _revival_nodes(nodes: dict[str, Node], ft: Node, settings: dict, runs_dir: Path, where: str) -> list[str]:
+    """The reFT and baseline runs of a revival as nodes of their own (``analysis.revival.revival_runs``), so
+    they run in parallel with the rest of the grid and identical ones (one Scr.+FT baseline for many fine-tuned
+    runs) are trained once. Returns their keys; the revival node then only reads them."""
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.analysis.revival import revival_runs
+    from wrapperlab.training.config import validate
+
+    cfg = validate(ft.side["config"])
+    try:
+        runs, _ = revival_runs(cfg, _make_settings("revival", settings, cfg))
+    except AnalysisError as e:
+        raise SpecError(f"{where}.settings: {e}") from None
+    planned = {"ft": ft}
+    keys = []
+    for r in runs:
+        parent = planned[r.parent] if r.parent else None
+        try:
+            raw = r.raw(parent.run_dir if parent else None)
+            cfg_r, _ = resolve(raw, parent_side=parent.side if parent else None)
+        except ConfigError as e:
+            raise SpecError(f"{where} ({r.name} of revival on {ft.label}): {e}") from None
+        rid = cfg_r.run_id(parent.run_id if parent else None)
+        if rid not in nodes:
+            raw.pop("_explicit", None)
+            raw.pop("_notes", None)
+            run_dir = default_run_dir(cfg_r, parent.run_id if parent else None, runs_dir)
+            nodes[rid] = Node(rid, "run", f"revival:{r.name}", f"revival {r.name} <- {ft.label}",
+                              dict(ft.point), [parent.key] if parent else [],
+                              {"kind": "run", "raw": raw, "run_dir": str(run_dir), "run_id": rid},
+                              _run_cost(cfg_r), rid, str(run_dir),
+                              {"config": cfg_r.model_dump(mode="json"), "run_id": rid, "stage": cfg_r.stage,
+                               "status": "done"})
+        planned[r.name] = nodes[rid]
+        keys.append(rid)
+    return keys
 
 
 def _defaults_for(defaults: dict, has_parent: bool) -> dict:
@@ -199,6 +237,24 @@ def _check_settings(tool: str, settings: dict, where: str) -> None:
     bad = sorted(set(settings) - allowed)
     if bad:
         raise SpecError(f"{where}: unknown setting(s) {', '.join(bad)} for {tool}; known: {', '.join(sorted(allowed))}")
+
+
+def _check_values(tool: str, settings: dict, run: Node, where: str) -> None:
+    """Build the tool's settings for a planned run and run their own checks, so a bad value fails at planning."""
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.training.config import validate
+
+    if tool == "attention":
+        bad = [k for k in ("n", "seed") if k in settings and not (isinstance(settings[k], int) and settings[k] >= 0)]
+        if bad or settings.get("n", 1) < 1:
+            raise SpecError(f"{where}: attention takes n >= 1 and seed >= 0 (got {settings})")
+        return
+    try:
+        s = _make_settings(tool, settings, validate(run.side["config"]))
+        if hasattr(s, "check"):
+            s.check()
+    except (AnalysisError, TypeError, ValueError) as e:
+        raise SpecError(f"{where}: {e}") from None
 
 
 def _make_settings(tool: str, settings: dict, cfg):
