@@ -109,7 +109,7 @@ def finetune_cmd(
     progress: bool = typer.Option(True, help="show a progress bar with ETA"),
 ) -> None:
     """Fine-tune a compiled program (paper.md §3.2): noise, SGD with momentum, warmup + cosine, c_train."""
-    from wrapperlab.cli import _train
+    from wrapperlab.cli_train import _train
 
     if not preset.startswith("tracr-"):
         _fail(f"preset: use tracr-cpu or tracr-paper, got {preset!r}")
