@@ -121,6 +121,7 @@ def runs_list(
 
     with user_errors():
         store = Store(store_dir, create=False)
+        store.reap_stale()
         if sync:
             store.sync()
         rows = store.runs(parse_where(where or []))

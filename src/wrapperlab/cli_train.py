@@ -63,6 +63,9 @@ def _train(stage: str, args, preset, out_dir, device, threads, as_json, progress
         side = st.run(progress=progress and not as_json, log=lambda s: err.print(s, highlight=False, markup=False))
     except ck.CheckpointError as e:
         _fail(str(e))
+    except OSError as e:  # disk full, permissions...: the last checkpoint was not replaced
+        _fail(f"write failed in {st.run_dir}: {e.strerror or e}; the last checkpoint is intact, rerun the same "
+              f"command to resume once the problem is fixed")
     _print_summary(side, st.run_dir, as_json)
     if side.get("status") == "diverged":
         raise typer.Exit(3)

@@ -1,4 +1,8 @@
-"""Atomic file writes shared by every layer (checkpoints, compiled models, analysis results)."""
+"""Atomic file writes shared by every layer (checkpoints, compiled models, analysis results), and a lock.
+
+A write goes to a hidden temporary file in the same directory, is fsync'ed, then renamed over the target: a
+reader sees the old file or the new one, never a part. A failed write (disk full) removes its temporary file and
+leaves the old file in place."""
 
 from __future__ import annotations
 
@@ -10,11 +14,15 @@ from pathlib import Path
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted...: the old file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -47,3 +55,40 @@ def read_verified_tensors(path: Path, sha256: str | None) -> dict:
         return st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise IntegrityError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+class DirLock:
+    """An exclusive advisory lock on ``directory/.lock`` (``fcntl.flock``), held across processes until
+    released. The kernel drops it when the holder dies, so a killed process never leaves it stale."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

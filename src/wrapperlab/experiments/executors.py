@@ -102,6 +102,9 @@ def run_plan(plan: Plan, executor, store: Store, *, log: Callable[[str], None] |
     t0 = time.perf_counter()
     nodes = plan.nodes
     out = Outcome(planned=len(nodes))
+    stale = store.reap_stale()
+    if stale:
+        log(f"{len(stale)} run(s) left 'running' by a process that died are marked interrupted and will resume")
     done: set[str] = set()
     for key, n in nodes.items():
         if n.complete():

@@ -8,7 +8,9 @@ Layout of a store root::
 
 The run directories are the truth; the index is a cache of them that ``index_run`` refreshes from a sidecar
 (``sync`` rebuilds it from the directories). Tables:
-- ``runs``: run_id, stage, status, run_dir, parent_id, label, config (JSON), final metrics (JSON), wall_s, updated
+- ``runs``: run_id, stage, status, run_dir, parent_id, label, config (JSON), final metrics (JSON), wall_s, updated,
+  pid and host of the process that marked it running. Statuses: running (a live process owns it), done,
+  partial (checkpointed, not finished), interrupted (its owner died: ``reap_stale``), failed, diverged.
 - ``results``: (run_id, tool, key) -> path of an analysis result and its summary (JSON)
 - ``experiments``: name -> the spec (JSON) and the node keys it planned
 
@@ -19,6 +21,8 @@ same store serialise instead of losing rows.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -31,12 +35,13 @@ from wrapperlab.training.config import SHORTCUTS, parse_value
 
 DB_NAME = "store.sqlite"
 RUNS_DIR = "runs"
-COLUMNS = ("run_id", "stage", "status", "run_dir", "parent_id", "label", "wall_s", "updated")
+COLUMNS = ("run_id", "stage", "status", "run_dir", "parent_id", "label", "wall_s", "updated", "pid", "host")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, stage TEXT NOT NULL, status TEXT NOT NULL, run_dir TEXT NOT NULL,
-    parent_id TEXT, label TEXT, config TEXT NOT NULL, metrics TEXT, wall_s REAL, updated REAL NOT NULL);
+    parent_id TEXT, label TEXT, config TEXT NOT NULL, metrics TEXT, wall_s REAL, updated REAL NOT NULL,
+    pid INTEGER, host TEXT);
 CREATE TABLE IF NOT EXISTS results (
     run_id TEXT NOT NULL, tool TEXT NOT NULL, key TEXT NOT NULL, path TEXT NOT NULL, summary TEXT,
     updated REAL NOT NULL, PRIMARY KEY (run_id, tool, key));
@@ -100,10 +105,13 @@ class Store:
         except ck.CheckpointError:
             return None
         final = [r for r in side.get("metrics", []) if r.get("step") == side.get("step")]
-        row = {"run_id": side["run_id"], "stage": side.get("stage"), "status": side.get("status"),
+        status = side.get("status")
+        if status == "running":  # a sidecar's "running" only means "checkpointed, not finished"
+            status = "partial"
+        row = {"run_id": side["run_id"], "stage": side.get("stage"), "status": status,
                "run_dir": str(run_dir.resolve()), "parent_id": side.get("parent_id"),
                "config": json.dumps(side.get("config", {}), sort_keys=True), "metrics": json.dumps(final),
-               "wall_s": side.get("wall_s"), "updated": time.time()}
+               "wall_s": side.get("wall_s"), "updated": time.time(), "pid": None, "host": None}
         with self._write() as con:
             old = con.execute("SELECT label FROM runs WHERE run_id = ?", (row["run_id"],)).fetchone()
             row["label"] = label or (old["label"] if old else None)
@@ -113,15 +121,31 @@ class Store:
 
     def set_status(self, run_id: str, status: str, *, run_dir: str | Path | None = None, stage: str = "",
                    label: str | None = None, config: dict | None = None, parent_id: str | None = None) -> None:
-        """Mark a run (possibly not started yet) with a status such as queued / running / failed."""
+        """Mark a run (possibly not started yet) with a status such as queued / running / failed. "running"
+        records this process and host, so a run whose owner died can be told from one still going."""
+        pid, host = (os.getpid(), socket.gethostname()) if status == "running" else (None, None)
         with self._write() as con:
-            cur = con.execute("UPDATE runs SET status = ?, updated = ? WHERE run_id = ?",
-                              (status, time.time(), run_id))
+            cur = con.execute("UPDATE runs SET status = ?, updated = ?, pid = ?, host = ? WHERE run_id = ?",
+                              (status, time.time(), pid, host, run_id))
             if cur.rowcount == 0:
                 con.execute("INSERT INTO runs (run_id, stage, status, run_dir, parent_id, label, config, metrics, "
-                            "wall_s, updated) VALUES (?, ?, ?, ?, ?, ?, ?, '[]', NULL, ?)",
+                            "wall_s, updated, pid, host) VALUES (?, ?, ?, ?, ?, ?, ?, '[]', NULL, ?, ?, ?)",
                             (run_id, stage, status, str(Path(run_dir).resolve()) if run_dir else "", parent_id,
-                             label, json.dumps(config or {}, sort_keys=True), time.time()))
+                             label, json.dumps(config or {}, sort_keys=True), time.time(), pid, host))
+
+    def reap_stale(self) -> list[str]:
+        """Runs marked "running" by a process of this host that no longer exists become "interrupted" (their
+        last checkpoint, if any, is intact and the next run of the grid resumes them). Returns their ids."""
+        host = socket.gethostname()
+        with self._connect() as con:
+            rows = con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?",
+                               (host,)).fetchall()
+        dead = [r["run_id"] for r in rows if r["pid"] is None or not _alive(r["pid"])]
+        if dead:
+            with self._write() as con:
+                con.executemany("UPDATE runs SET status = 'interrupted', pid = NULL, updated = ? "
+                                "WHERE run_id = ? AND status = 'running'", [(time.time(), d) for d in dead])
+        return dead
 
     def add_result(self, run_id: str, tool: str, key: str, path: str | Path, summary: Any = None) -> None:
         with self._write() as con:
@@ -190,6 +214,16 @@ class Store:
         with self._connect() as con:
             return [{"name": r["name"], "spec": json.loads(r["spec"]), "nodes": json.loads(r["nodes"])}
                     for r in con.execute("SELECT * FROM experiments ORDER BY updated").fetchall()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _row(r: sqlite3.Row) -> dict:

@@ -76,7 +76,12 @@ class EvalConfig(BaseModel):
         vals = v if isinstance(v, (list, tuple)) else [v]
         out = []
         for x in vals:
-            x = float(x)
+            if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+                raise ValueError(f"c_test values must be numbers in [0, 1], got {x!r}")
+            try:
+                x = float(x)
+            except ValueError:
+                raise ValueError(f"c_test values must be numbers in [0, 1], got {x!r}") from None
             if not 0.0 <= x <= 1.0:
                 raise ValueError(f"c_test values must be in [0, 1], got {x}")
             out.append(x)

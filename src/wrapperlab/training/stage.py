@@ -209,6 +209,20 @@ class Stage:
 
     # ------------------------------------------------------------------ loop
     def run(self, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+        """Train to completion. The run directory is locked for the duration, so two processes handed the same
+        run (two grids sharing a store) take turns: the second finds it done, or resumes what the first left."""
+        from wrapperlab.fileio import DirLock
+
+        lock = DirLock(self.run_dir)
+        if not lock.acquire(blocking=False):
+            (log or (lambda s: None))(f"{self.run_dir}: another process is training this run; waiting for it")
+            lock.acquire()
+        try:
+            return self._run_locked(progress, log)
+        finally:
+            lock.release()
+
+    def _run_locked(self, progress: bool, log: Callable[[str], None] | None) -> dict:
         cfg, t = self.cfg, self.cfg.train
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
