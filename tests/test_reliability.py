@@ -8,17 +8,16 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY, one_line_error, wl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from conftest import TINY, one_line_error, wl
 from wrapperlab.experiments.store import Store
 from wrapperlab.training import checkpoint as ck
 
