@@ -75,7 +75,8 @@ def test_kill_campaign_pretrain_finetune_and_grid_are_bit_identical(tmp_path):
     KILL_LOG["pretrain"] = kill_campaign([*pt_args, "--out", str(tmp_path / "pt")], 8, rng, 1.2, 3.0)
     assert_same_run(tmp_path / "pt", tmp_path / "pt-ref")
 
-    ft_args = ["finetune", *base, f"parent={tmp_path / 'pt-ref'}", "steps=1500", "c_train=1", "lr=M"]
+    child = ["--preset", "cpu", "batch_size=8", "eval.n=40", "threads=1", "eval.every=20", "--no-progress"]
+    ft_args = ["finetune", *child, f"parent={tmp_path / 'pt-ref'}", "steps=1500", "c_train=1", "lr=M"]
     assert wl(*ft_args, "--out", str(tmp_path / "ft-ref")).returncode == 0
     KILL_LOG["finetune"] = kill_campaign([*ft_args, "--out", str(tmp_path / "ft")], 6, rng, 1.2, 3.0)
     assert_same_run(tmp_path / "ft", tmp_path / "ft-ref")

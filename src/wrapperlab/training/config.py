@@ -51,6 +51,9 @@ class TrainConfig(BaseModel):
     operand: str | None = Field(None, description="None = drawn from the operand prior")
     c_train: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 = bf16 autocast for the training step's forward and backward (weights, "
+                            "optimizer and evaluation stay fp32); see docs/speed.md")
     # family and operand are checked against the task in RunConfig (PCFG and Tracr tasks differ)
 
     @property
@@ -176,6 +179,8 @@ class RunConfig(BaseModel):
             d["eval"].pop("log_spaced")
         if d["task"].get("kind") == "pcfg":
             d["task"].pop("kind")
+        if d["train"].get("precision") == "fp32":
+            d["train"].pop("precision")
         if d["model"].get("d_vocab_out") is None:
             d["model"].pop("d_vocab_out", None)
         return d

@@ -208,6 +208,35 @@ class Stage:
         return ck.save_checkpoint(self.run_dir, step, tensors, side)
 
     # ------------------------------------------------------------------ loop
+    def autocast(self):
+        """bf16 autocast when ``train.precision=bf16`` (weights, optimizer state and evaluation stay fp32)."""
+        dev = "cuda" if self.cfg.device.startswith("cuda") else "cpu"
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int) -> float:
+        """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)``, loss, clip,
+        update) — exactly the body of ``run``'s loop, which benchmarks time. Returns the loss; a non-finite loss
+        changes nothing (the caller stops the run)."""
+        t = self.cfg.train
+        lr = lr_at(step, t.steps, t.lr, t.warmup, t.min_lr_frac, t.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
+                                 operand=t.operand, c=t.c_train)
+        tokens = torch.from_numpy(batch.tokens).to(self.cfg.device)
+        answer = torch.from_numpy(batch.answer).to(self.cfg.device)
+        with self.autocast():
+            loss = compute_loss(model, self.task, tokens, answer, t.loss)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            return loss_value
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        return loss_value
+
     def run(self, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
         """Train to completion. The run directory is locked for the duration, so two processes handed the same
         run (two grids sharing a store) take turns: the second finds it done, or resumes what the first left."""
@@ -251,24 +280,11 @@ class Stage:
         status = "running"
         try:
             while step < t.steps:
-                lr = lr_at(step, t.steps, t.lr, t.warmup, t.min_lr_frac, t.schedule)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                batch = self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
-                                         operand=t.operand, c=t.c_train)
-                tokens = torch.from_numpy(batch.tokens).to(cfg.device)
-                answer = torch.from_numpy(batch.answer).to(cfg.device)
-                loss = compute_loss(model, self.task, tokens, answer, t.loss)
-                loss_value = loss.item()
+                loss_value = self.train_step(model, opt, step)
                 if not math.isfinite(loss_value):
                     status = "diverged"
                     log(f"step {step}: loss is {loss_value}; stopping (last good checkpoint kept)")
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
                 step += 1
                 bar.update(step, loss_value)
                 if step % cfg.eval.every == 0 or step == t.steps:
