@@ -308,3 +308,40 @@ def test_hostile_overrides_fail_as_config_errors_naming_the_field(key, value, st
 def test_hostile_cli_input_exits_2_with_one_line(tmp_path, override, field):
     one_line_error(wl("pretrain", "--preset", "cpu", *TINY, override, "--out", str(tmp_path / "r")), field)
     assert not (tmp_path / "r").exists()
+
+
+SPEC_PATHS = [("name",), ("runs", "pt", "stage"), ("runs", "pt", "preset"), ("runs", "pt", "set"),
+              ("runs", "pt", "set", "steps"), ("runs", "pt", "set", "task.window"), ("runs", "ft", "parent"),
+              ("runs", "ft", "grid"), ("runs", "ft", "grid", "lr"), ("runs", "ft", "grid", "c_train"),
+              ("runs", "ft", "where"), ("runs", "ft", "bogus"), ("runs", "pt", "set", "model.n_head"),
+              ("analyses",), ("defaults",), ("defaults", "batch_size"), ("runs",), ("runs", "ft")]
+SPEC_VALUES = st.one_of(VALUES, st.dictionaries(st.sampled_from(["lr", "steps", "x", "c_train", "tool", "on"]),
+                                                VALUES, max_size=2),
+                        st.lists(st.sampled_from(["L", "M", "zz", "1e-3", "-1", "2"]), max_size=3))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(SPEC_PATHS), value=SPEC_VALUES)
+def test_hostile_experiment_specs_fail_as_one_line_errors(tmp_path_factory, path, value):
+    """Any value at any place of a valid spec either plans or fails as SpecError/ConfigError/AnalysisError with a
+    one-line message — never another exception (the CLI turns those into exit 2 with that line)."""
+    import copy
+
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.experiments.plan import build_plan
+    from wrapperlab.experiments.spec import SpecError, parse_spec
+    from wrapperlab.training.config import ConfigError
+
+    spec = copy.deepcopy({"name": "h", "defaults": {"batch_size": 8},
+                          "runs": {"pt": {"stage": "pretrain", "set": {"task.window": 32, "model.d_model": 32,
+                                                                       "model.n_layer": 1, "model.n_head": 2}},
+                                   "ft": {"stage": "finetune", "parent": "pt", "grid": {"lr": ["M", "S"]}}},
+                          "analyses": [{"tool": "prune", "on": "ft"}]})
+    cur = spec
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value
+    try:
+        build_plan(parse_spec(spec), tmp_path_factory.mktemp("store"))
+    except (SpecError, ConfigError, AnalysisError) as e:
+        assert "\n" not in str(e) and str(e).strip(), repr(e)

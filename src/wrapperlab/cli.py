@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from wrapperlab.cli_analyze import analyze_app
+from wrapperlab.cli_bench import register as register_bench
 from wrapperlab.cli_common import UserError, _fail, out
 from wrapperlab.cli_experiments import register as register_experiments
 from wrapperlab.cli_tracr import tracr_app
@@ -27,6 +28,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(tracr_app, name="tracr")
 register_experiments(app)
+register_bench(app)
 
 
 STAGE_HELP = {

@@ -25,17 +25,23 @@ TOOLS = ("probe", "prune", "revival")
 
 
 class ForwardCounter:
-    """Counts the sequences a model's forward sees (a forward pre-hook on the module)."""
+    """Counts the sequences every Transformer's forward sees while it is open (the class's forward is wrapped,
+    so copies a tool makes of the model — pruning works on one — are counted too)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.n = 0
-        self._h = model.register_forward_pre_hook(self._count)
+    def __init__(self):
+        from wrapperlab.models.transformer import Transformer
 
-    def _count(self, module, args):
-        self.n += int(args[0].shape[0])
+        self.n, self._cls, self._orig = 0, Transformer, Transformer.forward
+        orig = self._orig
+
+        def forward(model, tokens, *args, **kw):
+            self.n += int(tokens.shape[0])
+            return orig(model, tokens, *args, **kw)
+
+        Transformer.forward = forward
 
     def close(self) -> None:
-        self._h.remove()
+        self._cls.forward = self._orig
 
 
 def bare_forward_rate(model, task, n: int = 2048, batch: int = 512) -> float:
@@ -71,7 +77,7 @@ def measure(tools=TOOLS, threads: int = 2, revival_steps: int = 100) -> dict:
            "threads": torch.get_num_threads(), "bare_forward_seq_per_s": round(rate, 1), "tools": {}}
 
     def record(name: str, fn) -> None:
-        counter = ForwardCounter(model)
+        counter = ForwardCounter()
         t0 = time.perf_counter()
         try:
             fn()

@@ -30,7 +30,7 @@ SHAPES = ("paper", "cpu")
 
 
 def stage_for(shape: str, kind: str = "pretrain", precision: str | None = None, loss: str | None = None,
-              batch: int | None = None, threads: int = 0):
+              batch: int | None = None, threads: int = 0, device: str = "cpu"):
     """The Stage whose step is timed. ``kind=finetune`` times the fine-tuning step (answer-only loss, batch 96)
     on a freshly initialised model: the step's cost does not depend on where the weights came from, so a
     ``scratch`` stage with the fine-tuning recipe stands in for it (no parent run needed)."""
@@ -48,6 +48,8 @@ def stage_for(shape: str, kind: str = "pretrain", precision: str | None = None, 
         over.append(f"batch_size={batch}")
     if threads:
         over.append(f"threads={threads}")
+    if device != "cpu":
+        over.append(f"device={device}")
     stage = "scratch" if kind == "finetune" else "pretrain"
     cfg, _ = resolve(build_config(stage, shape, None, over))
     return Stage(cfg, None, "/nonexistent/bench-run")
@@ -67,8 +69,8 @@ def step_flops(model, batch: int, t: int, head_positions: int) -> float:
 
 def measure_ours(shape: str, steps: int, warmup: int, kind: str = "pretrain", precision: str | None = None,
                  loss: str | None = None, batch: int | None = None, threads: int = 0,
-                 head_everywhere: bool = False) -> dict:
-    st = stage_for(shape, kind, precision, loss, batch, threads)
+                 head_everywhere: bool = False, device: str = "cpu") -> dict:
+    st = stage_for(shape, kind, precision, loss, batch, threads, device)
     cfg = st.cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -86,15 +88,41 @@ def measure_ours(shape: str, steps: int, warmup: int, kind: str = "pretrain", pr
     t0 = time.perf_counter()
     for s in range(warmup, warmup + steps):
         st.train_step(model, opt, s)
-    dt = (time.perf_counter() - t0) / steps
+    dt = (time.perf_counter() - t0) / steps  # each step reads its loss (.item()), so a GPU is synchronised
     b = cfg.train.batch_size
     flops = step_flops(model, b, t, t if (lm or head_everywhere) else 1)
     return {"impl": "wrapperlab", "shape": shape, "kind": kind, "loss": cfg.train.loss,
             "precision": cfg.train.precision, "head_everywhere": head_everywhere,
             "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "n_head": cfg.model.n_head,
             "seq_len": t, "batch": b, "vocab": len(st.task.vocab), "threads": torch.get_num_threads(),
-            "params": model.n_params(), "step_s": round(dt, 5), "tokens_per_s": round(b * t / dt, 1),
+            "device": cfg.device, "params": model.n_params(), "step_s": round(dt, 5),
+            "tokens_per_s": round(b * t / dt, 1),
             "gflop_per_s": round(flops / dt / 1e9, 1), "torch": torch.__version__}
+
+
+def profile_step(shape: str, precision: str | None = None, steps: int = 2, warmup: int = 1, threads: int = 0,
+                 top: int = 12) -> dict:
+    """Where one training step's time goes: torch.profiler's self CPU time per operator over ``steps`` steps,
+    the ``top`` operators and the rest, as fractions of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    st = stage_for(shape, "pretrain", precision, None, None, threads)
+    if st.cfg.threads:
+        torch.set_num_threads(st.cfg.threads)
+    model, opt, _, _ = st._fresh()
+    model.train()
+    for s in range(warmup):
+        st.train_step(model, opt, s)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for s in range(warmup, warmup + steps):
+            st.train_step(model, opt, s)
+    rows = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda r: -r[1])
+    total = sum(t for _, t in rows) or 1.0
+    out = [{"op": k, "share": round(t / total, 3), "ms_per_step": round(t / steps / 1e3, 1)} for k, t in rows[:top]]
+    rest = sum(t for _, t in rows[top:])
+    out.append({"op": "(rest)", "share": round(rest / total, 3), "ms_per_step": round(rest / steps / 1e3, 1)})
+    return {"shape": shape, "precision": st.cfg.train.precision, "loss": st.cfg.train.loss,
+            "step_ms": round(total / steps / 1e3, 1), "ops": out}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10, threads: int = 0) -> dict:
@@ -190,15 +218,23 @@ def main() -> None:
     o.add_argument("--loss", choices=("lm", "answer"))
     o.add_argument("--batch", type=int)
     o.add_argument("--head-everywhere", action="store_true")
+    o.add_argument("--device", default="cpu")
     k = sub.add_parser("peak", help="matmul peak, fp32 and bf16")
     k.add_argument("--n", type=int, default=2048)
     k.add_argument("--threads", type=int, default=0)
+    f = sub.add_parser("profile", help="where one step's time goes (torch.profiler, self CPU time per op)")
+    f.add_argument("--shape", choices=SHAPES, default="paper")
+    f.add_argument("--precision", choices=("fp32", "bf16"))
+    f.add_argument("--steps", type=int, default=2)
+    f.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
-    if a.cmd == "peak":
+    if a.cmd == "profile":
+        print(json.dumps(profile_step(a.shape, a.precision, a.steps, threads=a.threads)))
+    elif a.cmd == "peak":
         print(json.dumps(matmul_peak(a.n, threads=a.threads)))
     else:
         print(json.dumps(measure_ours(a.shape, a.steps, a.warmup, a.kind, a.precision, a.loss, a.batch, a.threads,
-                                      a.head_everywhere)))
+                                      a.head_everywhere, a.device)))
 
 
 if __name__ == "__main__":
