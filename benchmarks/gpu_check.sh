@@ -16,15 +16,15 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 for p in fp32 bf16; do
-    python3 -m wrapperlab.bench.train ours --shape paper --steps 30 --warmup 5 --precision $p --device cuda
+    python3 -m wrapperlab.bench.train ours --shape paper --steps 40 --warmup 5 --precision $p --device cuda
 done | tee "$OUT/train_cuda.jsonl"
-python3 -m wrapperlab.bench.train ours --shape paper --kind finetune --steps 30 --warmup 5 --device cuda \
+python3 -m wrapperlab.bench.train ours --shape paper --kind finetune --steps 40 --warmup 5 --device cuda \
     | tee -a "$OUT/train_cuda.jsonl"
-STEPS=${STEPS:-3000}
-/usr/bin/time -f "pretrain wall %e s" python3 -m wrapperlab.cli pretrain --preset paper steps=$STEPS eval.every=1000 \
+STEPS=${STEPS:-1000}
+/usr/bin/time -f "pretrain wall %e s" python3 -m wrapperlab.cli pretrain --preset paper steps=$STEPS eval.every=500 \
     --device cuda --out /tmp/wl-pt --no-progress --json > "$OUT/pretrain.json" || echo "pretrain failed"
-/usr/bin/time -f "finetune wall %e s" python3 -m wrapperlab.cli finetune --preset paper parent=/tmp/wl-pt steps=1000 \
-    eval.every=500 c_train=1 lr=L --device cuda --out /tmp/wl-ft --no-progress --json > "$OUT/finetune.json" \
+/usr/bin/time -f "finetune wall %e s" python3 -m wrapperlab.cli finetune --preset paper parent=/tmp/wl-pt steps=300 \
+    eval.every=150 c_train=1 lr=L --device cuda --out /tmp/wl-ft --no-progress --json > "$OUT/finetune.json" \
     || echo "finetune failed"
 python3 -m wrapperlab.cli evaluate /tmp/wl-ft --json > "$OUT/evaluate.json" || echo "evaluate failed"
 tail -c 1500 "$OUT/pretrain.json"; echo; tail -c 1500 "$OUT/finetune.json"

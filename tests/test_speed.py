@@ -175,3 +175,25 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_agrees_with_bf16_att
     for flag, o in outs.items():
         assert (o - ref).abs().max() < 0.05 * ref.abs().max(), flag
     assert not torch.equal(outs[True], outs[False])  # the switch really changes the attention's precision
+
+
+def test_the_timed_step_is_the_training_loop(tmp_path):
+    """Stage.run must be exactly Stage.train_step repeated (what the benchmark times): the same weights after the
+    same number of steps, bit for bit."""
+    from wrapperlab.training.config import build_config
+    from wrapperlab.training.stage import Stage, resolve
+
+    over = ["task.window=32", "model.d_model=32", "model.n_layer=1", "model.n_head=2", "batch_size=8", "threads=1",
+            "steps=12", "eval.every=12", "eval.n=20"]
+    cfg, _ = resolve(build_config("pretrain", "cpu", None, over))
+    Stage(cfg, None, tmp_path / "run").run(progress=False)
+    side = ck.read_sidecar(tmp_path / "run")
+    ran = {k[len("model."):]: v for k, v in ck.load_tensors(tmp_path / "run", side)[1].items()
+           if k.startswith("model.")}
+    st = Stage(cfg, None, tmp_path / "unused")
+    model, opt, _, _ = st._fresh()
+    model.train()
+    for s in range(12):
+        st.train_step(model, opt, s)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ran[k]), k

@@ -70,6 +70,7 @@ def step_flops(model, batch: int, t: int, head_positions: int) -> float:
 def measure_ours(shape: str, steps: int, warmup: int, kind: str = "pretrain", precision: str | None = None,
                  loss: str | None = None, batch: int | None = None, threads: int = 0,
                  head_everywhere: bool = False, device: str = "cpu") -> dict:
+    """Time ``steps`` training steps after ``warmup``, exactly as ``Stage.run`` does them."""
     st = stage_for(shape, kind, precision, loss, batch, threads, device)
     cfg = st.cfg
     if cfg.threads:

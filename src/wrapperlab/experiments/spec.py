@@ -169,7 +169,8 @@ def _first_error(e: ValidationError) -> str:
 def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: an experiment spec must be a mapping at the top level")
-    for a in data.get("analyses") or []:
+    analyses = data.get("analyses")
+    for a in analyses if isinstance(analyses, list) else []:
         if isinstance(a, dict) and True in a and "on" not in a:  # YAML 1.1 reads a bare `on:` key as true
             a["on"] = a.pop(True)
     try:

@@ -172,56 +172,12 @@ class LNFinal(nn.Module):
         return _maybe(self.hook_normalized, self.norm(x))
 
 
-class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size < 1 or cfg.seq_len < 1:
-            raise ValueError("ModelConfig.vocab_size and seq_len must be set (>= 1) before building a model")
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_final = LNFinal(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.d_vocab_out or cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        self._hook_points = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
-        for n, m in self._hook_points.items():
-            m.name = n
+class HookedModel:
+    """The hook API every wrapperlab model shares (TransformerLens names): a subclass sets ``self._hook_points``
+    ({name: HookPoint}) and is callable as ``self(tokens, **kw)``."""
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+    _hook_points: dict[str, HookPoint]
 
-    # ------------------------------------------------------------------ forward
-    def residual(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the last block (before the final norm), shape (b, t, d)."""
-        t = tokens.shape[1]
-        if t > self.cfg.seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds the model's context ({self.cfg.seq_len})")
-        pos = torch.arange(t, device=tokens.device)
-        x = _maybe(self.hook_embed, self.tok_emb(tokens)) + _maybe(self.hook_pos_embed, self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Logits (b, t, vocab); with ``positions`` (an int or a 1-D index tensor) only at those positions,
-        which skips the vocabulary head everywhere else (the answer-only fast path)."""
-        x = self.residual(tokens)
-        if positions is not None:
-            x = x[:, positions]
-        return self.head(self.ln_final(x))
-
-    # ------------------------------------------------------------------ hooks
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
         return dict(self._hook_points)
@@ -270,3 +226,54 @@ class Transformer(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class Transformer(HookedModel, nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1 or cfg.seq_len < 1:
+            raise ValueError("ModelConfig.vocab_size and seq_len must be set (>= 1) before building a model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_final = LNFinal(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.d_vocab_out or cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        self._hook_points = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
+        for n, m in self._hook_points.items():
+            m.name = n
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    # ------------------------------------------------------------------ forward
+    def residual(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last block (before the final norm), shape (b, t, d)."""
+        t = tokens.shape[1]
+        if t > self.cfg.seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context ({self.cfg.seq_len})")
+        pos = torch.arange(t, device=tokens.device)
+        x = _maybe(self.hook_embed, self.tok_emb(tokens)) + _maybe(self.hook_pos_embed, self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Logits (b, t, vocab); with ``positions`` (an int or a 1-D index tensor) only at those positions,
+        which skips the vocabulary head everywhere else (the answer-only fast path)."""
+        x = self.residual(tokens)
+        if positions is not None:
+            x = x[:, positions]
+        return self.head(self.ln_final(x))
+

@@ -213,16 +213,21 @@ class Stage:
         dev = "cuda" if self.cfg.device.startswith("cuda") else "cpu"
         return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
-    def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int) -> float:
-        """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)``, loss, clip,
-        update) — exactly the body of ``run``'s loop, which benchmarks time. Returns the loss; a non-finite loss
-        changes nothing (the caller stops the run)."""
+    def sample_batch(self, step: int):
+        """The training batch of ``step``: a function of ``(train.seed, step)`` alone (exact resumes)."""
+        t = self.cfg.train
+        return self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
+                                operand=t.operand, c=t.c_train)
+
+    def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int, batch=None) -> float:
+        """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)`` unless given,
+        loss, clip, update) — exactly the body of ``run``'s loop, which benchmarks time. Returns the loss; a
+        non-finite loss changes nothing (the caller stops the run)."""
         t = self.cfg.train
         lr = lr_at(step, t.steps, t.lr, t.warmup, t.min_lr_frac, t.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
-                                 operand=t.operand, c=t.c_train)
+        batch = batch if batch is not None else self.sample_batch(step)
         tokens = torch.from_numpy(batch.tokens).to(self.cfg.device)
         answer = torch.from_numpy(batch.answer).to(self.cfg.device)
         with self.autocast():
