@@ -72,8 +72,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from wrapperlab.models import transformer as _tf
-from wrapperlab.models.transformer import HookedModel, HookPoint, _maybe
+from wrapperlab.models.transformer import HookedModel, HookPoint, _maybe, attend
 
 
 class LlamaConfig(BaseModel):
@@ -178,21 +177,7 @@ class LlamaAttention(nn.Module):
         v = self.wv(x).view(b, t, kv, dh).transpose(1, 2)
         if kv != h:  # GQA: llama2.c's repeat_kv (each kv head serves h / kv consecutive query heads)
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-        explicit = any(p.fns for p in (self.hook_q, self.hook_k, self.hook_v, self.hook_pattern))
-        if not explicit:
-            if _tf.CPU_SDPA_FP32 and q.dtype == torch.bfloat16 and q.device.type == "cpu":  # transformer's note
-                with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
-                    z = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
-                                                       scale=self.scale)
-            else:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            q, k, v = _maybe(self.hook_q, q), _maybe(self.hook_k, k), _maybe(self.hook_v, v)
-            scores = (q @ k.transpose(-1, -2)) * self.scale
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-            pattern = _maybe(self.hook_pattern, scores.masked_fill(mask, float("-inf")).softmax(dim=-1))
-            z = pattern @ v
-        z = _maybe(self.hook_z, z)
+        z = attend(self, q, k, v, True, self.scale)
         return self.wo(z.transpose(1, 2).reshape(b, t, h * dh))
 
 
@@ -279,9 +264,7 @@ class LlamaTransformer(HookedModel, nn.Module):
         for name, p in self.named_parameters():  # llama2.c's scaled init: w3 and wo (sic, not w2)
             if name.endswith(("w3.weight", "wo.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        self._hook_points = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
-        for n, m in self._hook_points.items():
-            m.name = n
+        self._collect_hook_points()
 
     @staticmethod
     def _init(m: nn.Module) -> None:

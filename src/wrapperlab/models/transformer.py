@@ -101,6 +101,29 @@ backward is slower in bf16 than in fp32 (measured at the paper shape, batch 96 x
 backward 169 ms in bf16 against 130 ms in fp32 including the casts; docs/speed.md). On a GPU bf16 stays bf16."""
 
 
+def attend(hp: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+           scale: float) -> torch.Tensor:
+    """Attention of (b, h, t, dh) ``q``, ``k``, ``v`` through the hook points of ``hp`` (``hook_q``, ``hook_k``,
+    ``hook_v``, ``hook_pattern``, ``hook_z``): fused ``scaled_dot_product_attention`` when none of the first four is
+    hooked (in fp32 under CPU bf16 autocast, see _CPU_SDPA_NOTE), else the explicit pattern, readable and editable.
+    Returns z after ``hook_z``, shape (b, h, t, dh). Shared by every wrapperlab model."""
+    if not any(p.fns for p in (hp.hook_q, hp.hook_k, hp.hook_v, hp.hook_pattern)):
+        if CPU_SDPA_FP32 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+                z = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, scale=scale)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    else:
+        q, k, v = _maybe(hp.hook_q, q), _maybe(hp.hook_k, k), _maybe(hp.hook_v, v)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            t = q.shape[-2]
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        z = _maybe(hp.hook_pattern, scores.softmax(dim=-1)) @ v  # pattern: (b, h, query, key)
+    return _maybe(hp.hook_z, z)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -116,23 +139,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, dh = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.qkv(x).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (b, h, t, dh)
-        explicit = any(p.fns for p in (self.hook_q, self.hook_k, self.hook_v, self.hook_pattern))
-        if not explicit:
-            if CPU_SDPA_FP32 and q.dtype == torch.bfloat16 and q.device.type == "cpu":  # see _CPU_SDPA_NOTE
-                with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
-                    z = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.cfg.causal,
-                                                       scale=self.scale)
-            else:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=self.cfg.causal, scale=self.scale)
-        else:
-            q, k, v = _maybe(self.hook_q, q), _maybe(self.hook_k, k), _maybe(self.hook_v, v)
-            scores = (q @ k.transpose(-1, -2)) * self.scale
-            if self.cfg.causal:
-                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            pattern = _maybe(self.hook_pattern, scores.softmax(dim=-1))  # (b, h, query, key)
-            z = pattern @ v
-        z = _maybe(self.hook_z, z)
+        z = attend(self, q, k, v, self.cfg.causal, self.scale)
         return self.proj(z.transpose(1, 2).reshape(b, t, h * dh))
 
 
@@ -177,6 +184,12 @@ class HookedModel:
     ({name: HookPoint}) and is callable as ``self(tokens, **kw)``."""
 
     _hook_points: dict[str, HookPoint]
+
+    def _collect_hook_points(self) -> None:
+        """Name every HookPoint after its module path (call at the end of ``__init__``)."""
+        self._hook_points = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
+        for n, m in self._hook_points.items():
+            m.name = n
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
@@ -244,9 +257,7 @@ class Transformer(HookedModel, nn.Module):
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        self._hook_points = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
-        for n, m in self._hook_points.items():
-            m.name = n
+        self._collect_hook_points()
 
     @staticmethod
     def _init(m: nn.Module) -> None:
