@@ -17,6 +17,7 @@ from wrapperlab.cli_analyze import analyze_app
 from wrapperlab.cli_bench import register as register_bench
 from wrapperlab.cli_common import UserError, _fail, out
 from wrapperlab.cli_experiments import register as register_experiments
+from wrapperlab.cli_stories import stories_app
 from wrapperlab.cli_tracr import tracr_app
 from wrapperlab.cli_train import OVERRIDE_HELP, _metrics_table, _train
 
@@ -27,6 +28,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect the procedurally gene
 app.add_typer(data_app, name="data")
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(tracr_app, name="tracr")
+app.add_typer(stories_app, name="stories")
 register_experiments(app)
 register_bench(app)
 
