@@ -3,7 +3,7 @@
 
 The measurement behind the TinyStories cpu preset, before the preset exists: procedural stories -> the paper's
 SentencePiece BPE -> a small ``LlamaTransformer`` trained with the LM loss on random windows of the token stream
-(AdamW, warmup + cosine) -> at checkpoints, the held-out loss and the generation score (``analysis.generation``,
+(AdamW, warmup + cosine) -> at checkpoints, the held-out loss and the generation score (``training.generation``,
 judged by the exact checker) for prompts that ask for a Twist, beside the Twist rate of generations whose prompts
 do not ask for one (the feature must follow the instruction, not appear at random).
 
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wrapperlab.analysis.generation import GenerationSettings, generation_score
 from wrapperlab.models.llama import LlamaConfig, LlamaTransformer
 from wrapperlab.tasks.stories import StoryRecord, generate_records
 from wrapperlab.tasks.story_corpus import StoryStream, texts_of
 from wrapperlab.tasks.tokenizer import Tokenizer
+from wrapperlab.training.generation import GenerationSettings, generation_score
 
 
 def without_twist_request(records: list[StoryRecord]) -> list[StoryRecord]:

@@ -6,11 +6,10 @@ import torch
 
 pytest.importorskip("sentencepiece")
 
-from wrapperlab.analysis.common import AnalysisError  # noqa: E402
-from wrapperlab.analysis.generation import GenerationSettings, generation_score  # noqa: E402
 from wrapperlab.tasks.stories import StoriesError, StoryRecord, detect_features, generate_records  # noqa: E402
 from wrapperlab.tasks.story_corpus import StoryStream, left_padded, texts_of  # noqa: E402
 from wrapperlab.tasks.tokenizer import Tokenizer  # noqa: E402
+from wrapperlab.training.generation import GenerationError, GenerationSettings, generation_score  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,5 +93,5 @@ def test_generation_score_judges_what_the_model_writes(records, tok):
 
 def test_generation_needs_prompts_with_the_feature(tok):
     r = StoryRecord(story="Tom ran.", words=("run", "ball", "red"), features=(), summary="Tom ran.")
-    with pytest.raises(AnalysisError, match="none has the feature"):
+    with pytest.raises(GenerationError, match="none has the feature"):
         generation_score(Scripted([1], tok.vocab_size), tok, [r])

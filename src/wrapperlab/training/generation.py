@@ -7,6 +7,9 @@ temperature 1.0 without top-k, at most 350 new tokens; 16 prompts per point. A g
 the model writes (the start of a next story) or at the token limit. The judge: for procedural stories, the exact
 checker ``tasks.stories.detect_features``; for real TinyStories a classifier trained here would take its place (the
 paper used a fine-tuned GPT-3.5 at 92 % held-out accuracy) — any ``judge(story) -> set of features`` fits.
+
+It lives in ``training`` (like ``evaluation.py``) because the story stages evaluate with it during training; it
+returns plain data (``GenerationResult``) and raises ``GenerationError`` (a ValueError) with a one-line message.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from wrapperlab.analysis.common import AnalysisError, Result
 from wrapperlab.models.llama import generate
 from wrapperlab.tasks.stories import StoryRecord, detect_features, prompt_text
 from wrapperlab.tasks.story_corpus import left_padded, texts_of
 from wrapperlab.tasks.tokenizer import Tokenizer
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot be served (one-line message)."""
+
+
+@dataclass
+class GenerationResult:
+    rows: list[dict]
+    meta: dict
 
 
 @dataclass(frozen=True)
@@ -35,15 +47,15 @@ class GenerationSettings:
     def check(self) -> GenerationSettings:
         for name in ("n", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+                raise GenerationError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.temperature < 0:
-            raise AnalysisError(f"temperature: must be >= 0 (got {self.temperature})")
+            raise GenerationError(f"temperature: must be >= 0 (got {self.temperature})")
         return self
 
 
 def generation_score(model, tokenizer: Tokenizer, records: Sequence[StoryRecord], *,
                      settings: GenerationSettings | None = None,
-                     judge: Callable[[str], set[str]] = detect_features) -> Result:
+                     judge: Callable[[str], set[str]] = detect_features) -> GenerationResult:
     """Score ``model`` on prompts from the ``records`` that carry ``settings.feature`` (the others are the left
     padding). Rows: index, has_feature, judged (all the judge found), new_tokens, story. ``meta['score']``."""
     s = (settings or GenerationSettings()).check()
@@ -51,7 +63,7 @@ def generation_score(model, tokenizer: Tokenizer, records: Sequence[StoryRecord]
     with_f = [r for r in records if s.feature in r.features]
     others = [r for r in records if s.feature not in r.features] or list(records)
     if not with_f:
-        raise AnalysisError(f"records: none has the feature {s.feature!r} to prompt with")
+        raise GenerationError(f"records: none has the feature {s.feature!r} to prompt with")
     chosen = [with_f[int(i)] for i in rng.choice(len(with_f), size=min(s.n, len(with_f)), replace=False)]
     prompts = [tokenizer.encode(prompt_text(r, np.random.default_rng([s.seed, 2, i]))) for i, r in enumerate(chosen)]
     fillers = [tokenizer.encode(t) for t in texts_of(others[:256], s.seed + 3)]
@@ -71,5 +83,4 @@ def generation_score(model, tokenizer: Tokenizer, records: Sequence[StoryRecord]
         rows.append({"index": i, "has_feature": s.feature in found, "judged": sorted(found), "new_tokens": len(row),
                      "story": story})
     score = float(np.mean([r["has_feature"] for r in rows]))
-    return Result("generation", rows, {"settings": asdict(s), "score": score, "n": len(rows),
-                                       "prompt_tokens": length})
+    return GenerationResult(rows, {"settings": asdict(s), "score": score, "n": len(rows), "prompt_tokens": length})
