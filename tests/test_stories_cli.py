@@ -55,3 +55,34 @@ def test_stories_cli_bad_input_is_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "data00.json").write_text("{not json")
     one_line_error(wl("stories", "inspect", str(tmp_path / "bad")), "data00.json")
+
+
+def test_pretrain_delete_recover_commands_chain_and_resume(tmp_path):
+    data = tmp_path / "shards"
+    assert wl("stories", "generate", "--out", str(data), "--shards", "6", "--per-shard", "60").returncode == 0
+    tiny = ["vocab_size=400", "model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.seq_len=64",
+            "batch_size=8", "eval_n=2", "max_new_tokens=10", "threads=1"]
+    pt = tmp_path / "pt"
+    r = wl("stories", "pretrain", *tiny, "steps=20", "eval_every=10", "lr=5e-3", "--data", str(data), "--out",
+           str(pt), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["status"] == "done" and [m["step"] for m in res["metrics"]] == [0, 10, 20]
+    again = wl("stories", "pretrain", *tiny, "steps=20", "eval_every=10", "lr=5e-3", "--data", str(data), "--out",
+               str(pt), "--json")
+    assert json.loads(again.stdout)["metrics"] == res["metrics"]  # already complete: nothing retrained
+    r = wl("stories", "delete", "steps=10", "eval_every=5", "batch_size=8", "eval_n=2", "max_new_tokens=10",
+           "threads=1", "--parent", str(pt), "--kind", "F+MM", "--out", str(tmp_path / "del"), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["status"] == "done" and d["metrics"][0]["heldout_loss"] == res["metrics"][-1]["heldout_loss"]
+    r = wl("stories", "recover", "steps=5", "eval_every=5", "batch_size=8", "eval_n=2", "max_new_tokens=10",
+           "threads=1", "--parent", str(tmp_path / "del"), "--out", str(tmp_path / "rec"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "done"
+    one_line_error(wl("stories", "delete", "--parent", str(pt), "--kind", "F+X", "--out", str(tmp_path / "x")),
+                   "dataset")
+    one_line_error(wl("stories", "pretrain", "steps", "--data", str(data), "--out", str(tmp_path / "y")),
+                   "key=value")
+    one_line_error(wl("stories", "recover", "--parent", str(tmp_path / "nope"), "--out", str(tmp_path / "z")),
+                   "nope")

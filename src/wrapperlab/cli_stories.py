@@ -1,8 +1,9 @@
 """``wrapperlab stories ...``: the TinyStories check (paper.md §6; issue 6, in progress).
 
-Built so far: ``generate`` (procedural TinyStories-Instruct shards in the authors' JSON format) and ``inspect``
-(load shards, real or procedural, and report the splits and the deletion datasets of §6.3). The training protocols
-(pretrain / delete / recover), probes and the Table 1 analog are not built yet (docs/stories.md)."""
+Built so far: ``generate`` (procedural TinyStories-Instruct shards in the authors' JSON format), ``inspect`` (load
+shards, real or procedural, and report the splits and the deletion datasets of §6.3), and the stages ``pretrain``
+(``--control``: without the feature), ``delete`` and ``recover``. The probes on story runs, the Table 1 analog and a
+cpu preset are not built yet (docs/stories.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import typer
 from wrapperlab.cli_common import _fail, print_rows
 
 stories_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                          help="TinyStories check (paper.md §6): procedural TinyStories-Instruct shards, the "
-                               "authors' shard format, splits and deletion datasets. Training protocols: not built "
-                               "yet (docs/stories.md).")
+                          help="TinyStories check (paper.md §6): procedural TinyStories-Instruct shards in the "
+                               "authors' format, splits and deletion datasets, and the pretrain / delete / recover "
+                               "stages with the generation score. Probes on story runs and the Table 1 analog: not "
+                               "built yet (docs/stories.md).")
 
 
 @stories_app.command("generate")
@@ -99,3 +101,87 @@ def inspect_cmd(
         return
     print_rows(rows, {k: k for k in rows[0]}, f"{len(shards)} shards: test {splits['test']}, pretrain "
                f"{splits['pretrain']}, fine-tune {splits['finetune']}")
+
+
+STAGE_OVERRIDES = ("steps, lr, batch_size, seed, eval_every, eval_n, max_new_tokens, vocab_size, threads, "
+                   "model.d_model, model.n_layer, model.n_head, model.seq_len, feature, other")
+
+
+def _run_stage(stage: str, values: dict, overrides: list[str] | None, out_dir: Path, as_json: bool,
+               progress: bool) -> None:
+    from wrapperlab.cli_common import err
+    from wrapperlab.tasks.stories import StoriesError
+    from wrapperlab.tasks.tokenizer import TokenizerError
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.config import ConfigError, deep_merge, parse_value, set_path
+    from wrapperlab.training.story_stage import StoryStage, story_config
+
+    try:
+        user: dict = {}
+        for item in overrides or []:
+            key, eq, text = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"override {item!r} is not key=value (e.g. steps=1000, model.d_model=128)")
+            set_path(user, key.strip(), parse_value(text.strip()))
+        raw = deep_merge(dict(values), user)
+        if raw.get("parent") and not raw.get("data"):
+            raw["data"] = ck.read_sidecar(raw["parent"])["config"]["data"]
+        cfg = story_config(stage=stage, **raw)
+        st = StoryStage(cfg, out_dir)
+        side = st.run(log=(lambda s: err.print(s, highlight=False, markup=False)) if progress and not as_json
+                      else (lambda s: None))
+    except (ConfigError, StoriesError, TokenizerError, ck.CheckpointError) as e:
+        _fail(str(e))
+    summary = {"run_dir": str(out_dir), "run_id": side.get("run_id"), "stage": stage, "status": side.get("status"),
+               "step": side.get("step"), "metrics": side.get("metrics", [])}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print_rows(summary["metrics"], {"step": "step", "heldout_loss": "held-out loss (feature stories)",
+                                    "score": "feature in generations asked for it", "n": "n"},
+               f"{stage} {out_dir}: {summary['status']} at step {summary['step']}")
+
+
+OVERRIDES_ARG = typer.Argument(None, help=f"key=value overrides: {STAGE_OVERRIDES}", show_default=False)
+
+
+@stories_app.command("pretrain")
+def pretrain_cmd(
+    overrides: list[str] | None = OVERRIDES_ARG,
+    data: Path = typer.Option(..., help="directory of data*.json shards (`stories generate` or real ones)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory"),
+    control: bool = typer.Option(False, help="the 'not in pretraining' control: filter the feature out first"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+    progress: bool = typer.Option(True, help="print each evaluation"),
+) -> None:
+    """Pretrain the llama2.c-style model on the pretraining split (LM loss, warmup + cosine; §6.2), evaluating the
+    held-out loss on feature stories and the generation score. Rerunning resumes an interrupted run exactly."""
+    _run_stage("pretrain", {"data": str(data), "dataset": "filter" if control else "all"}, overrides, out_dir,
+               as_json, progress)
+
+
+@stories_app.command("delete")
+def delete_cmd(
+    overrides: list[str] | None = OVERRIDES_ARG,
+    parent: Path = typer.Option(..., help="a finished `stories pretrain` run"),
+    kind: str = typer.Option("F", help="F (filtering), F+R (+ randomisation) or F+MM (+ mix & match) (§6.3)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory"),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True, help="print each evaluation"),
+) -> None:
+    """Deletion fine-tuning on the fine-tuning split transformed by KIND, at a constant LR (§6.3)."""
+    _run_stage("delete", {"parent": str(parent), "dataset": kind, "lr": 1e-4}, overrides, out_dir, as_json,
+               progress)
+
+
+@stories_app.command("recover")
+def recover_cmd(
+    overrides: list[str] | None = OVERRIDES_ARG,
+    parent: Path = typer.Option(..., help="a finished `stories delete` (or pretrain control) run"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory"),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True, help="print each evaluation"),
+) -> None:
+    """Reverse fine-tuning on the recovery set (stories with the feature), constant LR (§6.3; paper: 1e-5)."""
+    _run_stage("recover", {"parent": str(parent), "dataset": "recovery", "lr": 1e-5}, overrides, out_dir, as_json,
+               progress)
