@@ -104,3 +104,12 @@ def test_a_run_directory_holding_another_run_is_refused(shards, pretrained):
     cfg = story_config(stage="pretrain", data=str(shards), **{**TINY, "seed": 1})
     with pytest.raises(ConfigError, match="different run"):
         StoryStage(cfg, pretrained).run()
+
+
+def test_the_control_shares_the_main_models_tokenizer(shards, pretrained, tmp_path):
+    """The 'not in pretraining' control filters the feature out of its training data but not out of its tokenizer
+    (one tokenizer for every model, as the paper): its token ids mean the same as the main model's."""
+    ctrl = StoryStage(story_config(stage="pretrain", data=str(shards), dataset="filter", **{**TINY, "steps": 1}),
+                      tmp_path / "ctrl")
+    assert not any("Twist" in r.features for r in ctrl.train_records())
+    assert ctrl.tokenizer().proto == Tokenizer.load(pretrained / TOKENIZER).proto

@@ -135,7 +135,10 @@ class StoryStage:
         if self.parent is not None:
             tok = Tokenizer.load(Path(self.cfg.parent) / TOKENIZER)
         else:
-            tok = Tokenizer.train(texts_of(self.train_records()[:5000], self.cfg.seed), self.cfg.vocab_size)
+            # always the whole pretraining split (before any filtering), as the paper trains one tokenizer for every
+            # model: the "not in pretraining" control must share the pieces of the main model, or its losses on
+            # feature stories are measured in other, rarer tokens and are not comparable (found in the pilot)
+            tok = Tokenizer.train(texts_of(self.split["pretrain"][:5000], self.cfg.seed), self.cfg.vocab_size)
         tok.save(own)
         return tok
 
