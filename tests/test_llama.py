@@ -511,3 +511,42 @@ def test_llama2c_checkpoint_import():
         convert_llama2c_state_dict(llama2c)
     with pytest.raises(ValueError, match="bogus"):
         convert_llama2c_state_dict({"bogus.weight": torch.zeros(1)})
+
+
+def test_kv_cached_sampling_matches_full_recompute_across_the_context_edge():
+    """The KV cache (used while the sequence fits seq_len = 16) gives the logits of a full forward (fp64, 1e-10),
+    so greedy decoding equals the by-hand loop that reruns the cropped window every step, past the edge too."""
+    model = make_model()  # fp64
+    prompt = make_tokens(b=3, t=5)
+    cache = [[None, None] for _ in model.blocks]
+    seq = prompt.clone()
+    with torch.no_grad():
+        for i in range(12):  # fills the 16-token context exactly
+            step = model.step_cached(seq if i == 0 else seq[:, -1:], cache)
+            torch.testing.assert_close(step, model(seq)[:, -1], **F64)
+            seq = torch.cat([seq, step.argmax(-1, keepdim=True)], dim=1)
+        with pytest.raises(ValueError, match="exceeds"):
+            model.step_cached(seq[:, -1:], cache)
+    out = generate(model, prompt, 20, temperature=0)  # 5 + 20 tokens: cached to 16, then cropped recompute
+    ref = prompt.clone()
+    with torch.no_grad():
+        for _ in range(20):
+            ref = torch.cat([ref, model(ref[:, -16:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_hooked_generation_reruns_the_whole_context_and_stop_token_ends_early():
+    model = make_model(dtype=torch.float32)
+    prompt = make_tokens(b=2, t=4)
+    lengths = []
+    with model.hooks([("blocks.0.hook_resid_post", lambda x, hook: lengths.append(x.shape[1]) or x)]):
+        out = generate(model, prompt, 5, temperature=0)
+    assert lengths == [4, 5, 6, 7, 8]  # every step saw every position (no cache while hooked)
+    assert torch.equal(out, generate(model, prompt, 5, temperature=0))
+    full = generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    stop = int(full[0, 4])  # row 0's first draw: row 0 stops at once, row 1 at its first draw of that token
+    early = generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3), stop_token=stop)
+    assert early.shape == full.shape
+    cuts = [row.index(stop) + 1 if stop in row else 12 for row in full[:, 4:].tolist()]
+    k = max(cuts)  # the batch stops once its last row has drawn the stop token: until then, the same draws
+    assert torch.equal(early[:, :4 + k], full[:, :4 + k]) and bool((early[:, 4 + k:] == stop).all())

@@ -169,15 +169,27 @@ class LlamaAttention(nn.Module):
         self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
         self.scale = 1.0 / math.sqrt(dh)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list | None = None) -> torch.Tensor:
+        """``cache``: a [k, v] pair of this layer's earlier keys and values (sampling with a KV cache; ``cos`` and
+        ``sin`` are then the new positions' rows): the new ones are appended and the queries attend to all."""
         b, t, _ = x.shape
         h, kv, dh = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         q = apply_rope(self.wq(x).view(b, t, h, dh).transpose(1, 2), cos, sin)  # (b, h, t, dh)
         k = apply_rope(self.wk(x).view(b, t, kv, dh).transpose(1, 2), cos, sin)  # (b, kv, t, dh)
         v = self.wv(x).view(b, t, kv, dh).transpose(1, 2)
+        if cache is not None:
+            if cache[0] is not None:
+                if t != 1:
+                    raise ValueError("a KV-cached step feeds one new token per row")
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            cache[0], cache[1] = k, v
+            causal = cache[0].shape[2] == t  # the prompt (causal); then one query over every earlier key
+        else:
+            causal = True
         if kv != h:  # GQA: llama2.c's repeat_kv (each kv head serves h / kv consecutive query heads)
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-        z = attend(self, q, k, v, True, self.scale)
+        z = attend(self, q, k, v, causal, self.scale)
         return self.wo(z.transpose(1, 2).reshape(b, t, h * dh))
 
 
@@ -202,9 +214,10 @@ class LlamaBlock(nn.Module):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list | None = None) -> torch.Tensor:
         x = _maybe(self.hook_resid_pre, x)
-        x = _maybe(self.hook_resid_mid, x + _maybe(self.hook_attn_out, self.attn(self.ln1(x), cos, sin)))
+        x = _maybe(self.hook_resid_mid, x + _maybe(self.hook_attn_out, self.attn(self.ln1(x), cos, sin, cache)))
         return _maybe(self.hook_resid_post, x + _maybe(self.hook_mlp_out, self.mlp(self.ln2(x))))
 
 
@@ -304,20 +317,42 @@ class LlamaTransformer(HookedModel, nn.Module):
             x = x[:, positions]
         return self.head(self.ln_final(x))
 
+    def step_cached(self, tokens: torch.Tensor, cache: list[list]) -> torch.Tensor:
+        """Last-position logits (b, vocab) of ``tokens`` appended to the sequence whose keys and values ``cache``
+        holds (one [k, v] per block; ``[[None, None], ...]`` to start: then ``tokens`` is the whole prompt).
+        The positions continue from the cached length; the caller keeps it within ``cfg.seq_len``."""
+        start = 0 if cache[0][0] is None else cache[0][0].shape[2]
+        t = tokens.shape[1]
+        if start + t > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the model's context ({self.cfg.seq_len})")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = _maybe(self.hook_embed, self.tok_emb(tokens))
+        for block, c in zip(self.blocks, cache):
+            x = block(x, cos, sin, c)
+        return self.head(self.ln_final(x[:, -1]))
+
 
 # ----------------------------------------------------------------------------------------------- sampling
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             stop_token: int | None = None) -> torch.Tensor:
     """Sample ``max_new_tokens`` tokens after ``prompt_tokens`` ((t,) or (b, t) integer tensor) and return the
     prompt followed by them, in the prompt's shape. As llama2.c's ``generate``: each step feeds the last
     ``model.cfg.seq_len`` tokens (longer contexts are cropped), divides the last position's logits by
     ``temperature``, keeps the ``top_k`` largest if given, and draws from the softmax; ``temperature=0`` takes
     the argmax (the first on ties). Draws come from ``generator`` (on the model's device), so a seeded generator
-    makes the output reproducible. No KV cache (every step reruns the cropped context); hooks attached to the
-    model apply at every step. Works for any model with ``cfg.seq_len`` and ``forward(tokens, positions=)``."""
+    makes the output reproducible. Models with ``step_cached`` (``LlamaTransformer``) sample with a KV cache while
+    the sequence fits ``cfg.seq_len`` (the same logits up to float rounding; past the context every step reruns the
+    cropped window, as llama2.c); with any hook attached, every step reruns the whole context, so the hooks apply to
+    every position at every step. Works for any model with ``cfg.seq_len`` and ``forward(tokens, positions=)``.
+
+    ``stop_token``: stop early once every row has sampled it (the rows keep their length: ``stop_token`` fills the
+    steps not taken). Everything up to each row's first ``stop_token`` is exactly what the full run samples, since
+    a step's draw does not depend on later steps; callers that cut at the first stop token (the generation score
+    cuts at the next story's BOS) get identical results, faster."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -329,8 +364,17 @@ def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int,
                          f"{tuple(prompt_tokens.shape)} {prompt_tokens.dtype}")
     idx = prompt_tokens.long().reshape(-1, prompt_tokens.shape[-1])
     ctx = model.cfg.seq_len
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -ctx:], positions=-1).float()  # (b, vocab)
+    stopped = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    hooked = any(h.fns for h in getattr(model, "_hook_points", {}).values())
+    cache = ([[None, None] for _ in model.blocks] if hasattr(model, "step_cached") and not hooked
+             and idx.shape[1] < ctx else None)
+    for step in range(max_new_tokens):
+        if cache is not None and idx.shape[1] <= ctx:
+            # KV cache while the sequence fits the context: the prompt once, then one token per step
+            logits = model.step_cached(idx if cache[0][0] is None else idx[:, -1:], cache).float()
+        else:  # past the context llama2.c crops the window, which re-rotates every position: recompute
+            cache = None
+            logits = model(idx[:, -ctx:], positions=-1).float()  # (b, vocab)
         if temperature == 0:
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -340,6 +384,12 @@ def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int,
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
         idx = torch.cat((idx, nxt), dim=1)
+        if stop_token is not None:
+            stopped |= nxt[:, 0] == stop_token
+            if bool(stopped.all()):
+                pad = idx.new_full((idx.shape[0], max_new_tokens - step - 1), stop_token)
+                idx = torch.cat((idx, pad), dim=1)
+                break
     return idx[0] if prompt_tokens.dim() == 1 else idx
 
 

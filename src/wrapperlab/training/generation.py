@@ -72,7 +72,8 @@ def generation_score(model, tokenizer: Tokenizer, records: Sequence[StoryRecord]
     g = torch.Generator(device=batch.device).manual_seed(s.seed)
     was = model.training
     model.eval()
-    out = generate(model, batch, s.max_new_tokens, temperature=s.temperature, generator=g)
+    out = generate(model, batch, s.max_new_tokens, temperature=s.temperature, generator=g,
+                   stop_token=tokenizer.bos_id)
     model.train(was)
     rows = []
     for i, row in enumerate(out[:, length:].tolist()):
