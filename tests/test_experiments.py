@@ -322,4 +322,4 @@ def test_reproduce_quick_end_to_end(tmp_path):
     status = {c["id"]: c["status"] for c in res["claims"]}
     for cid in ("wrapper", "prune", "probe", "revival", "spurious", "tracr-attention", "tracr-maxid"):
         assert status[cid] != "not measured", (cid, res["claims"])
-    assert status["prior"] == status["tinystories"] == "not measured"
+    assert status["prior"] == status["tinystories"] == status["tinystories-probe"] == "not measured"

@@ -1,9 +1,10 @@
-"""``wrapperlab stories ...``: the TinyStories check (paper.md §6; issue 6, in progress).
+"""``wrapperlab stories ...``: the TinyStories check (paper.md §6; issue 6; docs/stories.md).
 
-Built so far: ``generate`` (procedural TinyStories-Instruct shards in the authors' JSON format), ``inspect`` (load
-shards, real or procedural, and report the splits and the deletion datasets of §6.3), and the stages ``pretrain``
-(``--control``: without the feature), ``delete`` and ``recover``. The probes on story runs, the Table 1 analog and a
-cpu preset are not built yet (docs/stories.md)."""
+``generate`` (procedural TinyStories-Instruct shards in the authors' JSON format), ``inspect`` (load shards, real or
+procedural, and report the splits and the deletion datasets of §6.3), the stages ``pretrain`` (``--control``: without
+the feature), ``delete`` and ``recover``, ``probe`` (Fig. 11a's per-block feature probes on any story run), ``judge``
+(the classifier that judges generations from real stories) and ``table`` (the whole protocol, with the Table 1 and
+Fig. 11a analogs beside the paper's; presets cpu and paper)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import typer
 from wrapperlab.cli_common import _fail, print_rows
 
 stories_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                          help="TinyStories check (paper.md §6): procedural TinyStories-Instruct shards in the "
-                               "authors' format, splits and deletion datasets, and the pretrain / delete / recover "
-                               "stages with the generation score. Probes on story runs and the Table 1 analog: not "
-                               "built yet (docs/stories.md).")
+                          help="TinyStories check (paper.md §6): does fine-tuning delete a story feature (Twist) or "
+                               "only wrap it? `stories table` runs the whole protocol (pretrain, control, deletion "
+                               "by F / F+R / F+MM at two LRs, reFT, probes) and prints the Table 1 and Fig. 11a "
+                               "analogs beside the paper's; the other commands are its steps. docs/stories.md.")
 
 
 @stories_app.command("generate")
@@ -185,3 +186,188 @@ def recover_cmd(
     """Reverse fine-tuning on the recovery set (stories with the feature), constant LR (§6.3; paper: 1e-5)."""
     _run_stage("recover", {"parent": str(parent), "dataset": "recovery", "lr": 1e-5}, overrides, out_dir, as_json,
                progress)
+
+
+TABLE_FIELDS = ("pretrain_steps", "pretrain_lr", "delete_steps", "recover_steps", "recover_lr", "columns",
+                "batch_size", "vocab_size", "max_new_tokens", "eval_n", "probe_train", "probe_test", "probe_iters")
+TABLE_OVERRIDES = ", ".join(TABLE_FIELDS) + ", eta_M, eta_S, model.d_model, model.n_layer, model.n_head, model.seq_len"
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.0f}"
+
+
+@stories_app.command("table")
+def table_cmd(
+    overrides: list[str] | None = typer.Argument(None, show_default=False, help=(
+        f"key=value changes to the preset: {TABLE_OVERRIDES}")),
+    out_dir: Path = typer.Option(Path("runs/stories"), "--out", help="where the protocol's runs go (reused on rerun)"),
+    preset_name: str = typer.Option("cpu", "--preset", help="cpu (≤ 30 min here, procedural stories) or paper "
+                                                           "(§6's 91M model: real shards, a judge and a GPU)"),
+    data: Path | None = typer.Option(None, help="shards to use (default for cpu: procedural ones generated into "
+                                                "OUT/shards; required for paper)"),
+    judge: Path | None = typer.Option(None, help="a classifier saved by `stories judge` (needed for real "
+                                                 "stories; default: the exact checker of procedural stories)"),
+    workers: int = typer.Option(1, help="parallel training processes per wave (threads split between them)"),
+    threads: int = typer.Option(0, help="torch threads per process (0: torch's default)"),
+    seed: int = typer.Option(0, help="training seed of every run"),
+    probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+) -> None:
+    """The whole §6 protocol: pretrain (with Twist) and the not-in-pretraining control, delete Twist by F / F+R /
+    F+MM at η_M and η_S, reverse fine-tune every deleted model and the control on Twist stories, probe every block
+    for Twist; print the Table 1 analog (Twist rate at the reFT columns) and the Fig. 11a analog beside the
+    paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
+    import dataclasses
+    import time
+
+    from wrapperlab.cli_common import err
+    from wrapperlab.experiments import stories_table as ST
+    from wrapperlab.tasks.stories import StoriesError
+    from wrapperlab.tasks.tokenizer import TokenizerError
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.config import ConfigError, parse_value
+    from wrapperlab.training.story_judge import JudgeError, load_judge
+
+    log = (lambda s: None) if as_json else (lambda s: err.print(s, highlight=False, markup=False))
+    if workers < 1:
+        _fail(f"--workers: must be >= 1 (got {workers})")
+    try:
+        p = ST.preset(preset_name)
+        changes: dict = {"model": dict(p.model), "etas": dict(p.etas)}
+        for item in overrides or []:
+            key, eq, text = item.partition("=")
+            key, value = key.strip(), parse_value(text.strip())
+            if eq and key in TABLE_FIELDS:
+                changes[key] = tuple(value) if key == "columns" and isinstance(value, list) else value
+            elif eq and key.startswith("model.") and key[6:] in changes["model"]:
+                changes["model"][key[6:]] = value
+            elif eq and key in ("eta_M", "eta_S"):
+                changes["etas"][key[4:]] = value
+            else:
+                raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
+        p = ST.check_preset(dataclasses.replace(p, **changes))
+        if judge is not None:
+            load_judge(judge)  # a bad file fails now, not after hours of training
+        if data is None:
+            if not p.data:
+                raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
+            data = out_dir / "shards"
+            if not list(data.glob("data*.json")):
+                import numpy as np
+
+                from wrapperlab.tasks.stories import generate_records, write_shards
+
+                rng = np.random.default_rng(p.data["seed"])
+                write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
+                              for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
+                log(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
+        jobs = ST.plan(p, data.resolve(), str(judge.resolve()) if judge else None, seed)
+        t0 = time.perf_counter()
+        per = threads or (max(1, 2 // workers) if workers > 1 else 0)
+        ST.run_protocol(jobs, out_dir, workers, per, log)
+        if probes:
+            ST.run_probes(p, out_dir, workers, per, seed, log)
+        res = ST.summary(p, out_dir, time.perf_counter() - t0)
+    except (ConfigError, StoriesError, TokenizerError, JudgeError, ck.CheckpointError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(res))
+        return
+    cols = res["columns"]
+    shown = []
+    for r in res["table1"]:
+        row = {"model": r["model"], "pt": _pct(r["pretrained_rate"])}
+        for c, pc in zip(cols, res["paper_columns"]):
+            row[f"c{c}"] = f"{_pct(r[f'rate@{c}'])} ({_pct(r[f'paper@{pc}'])})"
+        row["loss"] = " → ".join("—" if r[f"loss@{c}"] is None else f"{r[f'loss@{c}']:.3f}" for c in cols)
+        shown.append(row)
+    print_rows(shown, {"model": "deletion", "pt": "pretrained %",
+                       **{f"c{c}": f"reFT {c} ({pc}) %" for c, pc in zip(cols, res["paper_columns"])},
+                       "loss": "held-out loss on Twist stories at the columns"},
+               f"Table 1 analog — Twist in 16 generations asked for it, ours (paper's) at reFT steps "
+               f"{'/'.join(map(str, cols))} (paper {'/'.join(map(str, res['paper_columns']))}); preset {p.name}, "
+               f"runs in {out_dir}")
+    if res["probes"]:
+        layers = [k for k in res["probes"][0] if k.startswith("B")]
+        print_rows([{**r, **{k: _pct(r.get(k)) for k in (*layers, "mean", "base_rate")}} for r in res["probes"]],
+                   {"model": "model", **{k: k for k in layers}, "mean": "mean", "base_rate": "base rate"},
+                   "Fig. 11a analog — Twist probe accuracy % per block (test split). Paper: "
+                   + res["paper_probe_claim"])
+    print(f"wall {res['wall_s']:.0f} s; summary in {out_dir / 'stories_table.json'}")
+
+
+@stories_app.command("probe")
+def probe_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="finished story runs (pretrain, delete or recover)"),
+    n_train: int = typer.Option(1500, help="probe training stories (from the pretraining split)"),
+    n_test: int = typer.Option(500, help="held-out stories (from the test split)"),
+    iters: int = typer.Option(2000, help="probe training iterations (the paper: 2000, batch 128, lr 1e-3)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-block linear probes for the six story features on the mean of the last 10 positions (§6.4, Fig. 11a);
+    writes RUN/analysis/feature_probe.json for each run and prints accuracy beside the base rate."""
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.experiments.stories_table import probe_story_run
+    from wrapperlab.tasks.stories import StoriesError
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.config import ConfigError
+
+    if min(n_train, n_test, iters) < 1:
+        _fail("--n-train, --n-test and --iters must be >= 1")
+    results = []
+    for d in run_dirs:
+        try:
+            results.append(probe_story_run(d, n_train, n_test, iters, seed))
+        except (AnalysisError, ConfigError, StoriesError, ck.CheckpointError) as e:
+            _fail(f"{d}: {e}")
+    if as_json:
+        print(json.dumps({"results": [r.to_dict() for r in results]}))
+        return
+    for r in results:
+        layers = r.meta["layers"]
+        feats = list(dict.fromkeys(x["feature"] for x in r.rows))
+        rows = [{"feature": f, **{x["layer"]: _pct(x["acc"]) for x in r.rows if x["feature"] == f},
+                 "base": _pct(next(x["base_rate"] for x in r.rows if x["feature"] == f))} for f in feats]
+        print_rows(rows, {"feature": "feature", **{k: k for k in layers}, "base": "base rate"},
+                   f"{r.meta['run_dir']}: probe accuracy % per block ({r.meta['n_test']} test stories)")
+
+
+@stories_app.command("judge")
+def judge_cmd(
+    data: Path = typer.Option(..., help="labelled shards (the features field is the label)"),
+    out: Path = typer.Option(..., "--out", help="where to save the judge (JSON)"),
+    n_train: int = typer.Option(20000, help="training stories at most (pretraining + fine-tuning shards)"),
+    n_test: int = typer.Option(2000, help="held-out stories at most (the test shard)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train the generation score's judge for real stories: a per-feature n-gram logistic regression on the
+    labelled shards, with its held-out accuracy (the paper's GPT-3.5 judge: 92 %). Pass it to `stories table
+    --judge` or a stage's judge=PATH."""
+    import numpy as np
+
+    from wrapperlab.tasks.stories import StoriesError, load_shards, split_indices
+    from wrapperlab.training.story_judge import JudgeError, train_judge
+
+    if n_train < 2 or n_test < 1:
+        _fail("--n-train must be >= 2 and --n-test >= 1")
+    try:
+        shards = load_shards(data)
+        idx = split_indices(len(shards))
+        pool = [r for i in idx["pretrain"] + idx["finetune"] for r in shards[i]]
+        rng = np.random.default_rng(seed)
+        train = [pool[int(i)] for i in rng.permutation(len(pool))[:n_train]]
+        held = list(shards[idx["test"][0]])[:n_test]
+        judge = train_judge(train, held, seed=seed)
+        judge.save(out)
+    except (StoriesError, JudgeError, OSError) as e:
+        _fail(str(e))
+    h = judge.heldout
+    if as_json:
+        print(json.dumps({"out": str(out), **h}))
+        return
+    print_rows([{"feature": f, "acc": _pct(h["accuracy"][f]), "base": _pct(h["base_rate"][f])} for f in judge.features],
+               {"feature": "feature", "acc": "held-out accuracy %", "base": "base rate %"},
+               f"judge saved to {out}: {h['n_train']} training, {h['n_heldout']} held-out stories")

@@ -15,7 +15,9 @@ Claims (paper.md §5; the section and figure are in each row):
 - prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
-- tinystories: fine-tuning on stories without Twist only hides the feature (Table 1) — issue 6, not built yet.
+- tinystories: deleting Twist by fine-tuning only hides it: reFT revives it faster than the control learns it
+  (Table 1, Fig. 11b).
+- tinystories-probe: Twist stays linearly readable after deletion (Fig. 11a).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from wrapperlab.analysis.verdict import Thresholds
 from wrapperlab.tasks.priors import prior_name, resolve_prior
 from wrapperlab.training import checkpoint as ck
 
+STORY_PROBE_TOLERANCE = 0.02  # the paper's Fig. 11a spread between models is a few points of a 0.84–0.95 range
 REPRODUCED, PARTIAL, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partial", "not reproduced", "not measured"
 TH = Thresholds()
 
@@ -304,14 +307,87 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
                   "η_M/η_S: O_FT < 80 %")
 
 
+def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
+    """TinyStories runs (training/story_stage.py) by run id."""
+    return {r.side["run_id"]: r for r in ev.runs
+            if r.side.get("stage") in ("pretrain", "delete", "recover") and "feature" in r.cfg and "task" not in r.cfg}
+
+
+def _story_metric(r: RunRecord, step: int, key: str):
+    hit = [m for m in r.side.get("metrics", []) if m["step"] == step]
+    return hit[-1][key] if hit else None
+
+
+def _story_protocol(ev: Evidence):
+    """(reFT runs of deleted models with their deletion run, the control's reFT run or None)."""
+    runs = _story_runs(ev)
+    deleted, control = [], None
+    for r in runs.values():
+        par = runs.get(r.side.get("parent_id"))
+        if r.side["stage"] != "recover" or par is None:
+            continue
+        if par.side["stage"] == "delete":
+            deleted.append((r, par))
+        elif par.cfg.get("dataset") == "filter":
+            control = r
+    return sorted(deleted, key=lambda x: (-x[1].cfg["lr"], x[1].cfg["dataset"])), control
+
+
 def claim_tinystories(ev: Evidence) -> dict:
-    return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: a few "
-                  "reFT steps bring it back, and probes still read it", "Twist rate revives within 30–300 reFT "
-                  "steps (Table 1, Fig. 11)", "§6", [], "not built yet (issue 6: TinyStories)", "")
+    deleted, control = _story_protocol(ev)
+    cases = []
+    if control is not None:
+        steps = sorted(m["step"] for m in control.side.get("metrics", []))
+        first, last = (steps[1] if len(steps) > 1 else steps[0]), steps[-1]
+        c_first, c_loss = _story_metric(control, first, "score"), _story_metric(control, last, "heldout_loss")
+        for r, d in deleted:
+            s0, s1 = _story_metric(r, 0, "score"), _story_metric(r, first, "score")
+            loss = _story_metric(r, last, "heldout_loss")
+            if None in (s0, s1, loss, c_first, c_loss):
+                continue
+            cases.append((f"{d.cfg['dataset']} (deletion lr {d.cfg['lr']:g}): Twist in {_pct(s0)} of generations "
+                          f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); loss on "
+                          f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})",
+                          s1 > c_first and loss < c_loss))
+    return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: reFT on "
+                  "Twist stories revives it faster than a model that never saw Twist learns it",
+                  "after 30 reFT steps 44–88 % of generations have a twist vs 31 % for the not-in-pretraining "
+                  "control; deleted models' loss ends below the control's (Table 1, Figs. 11b, 33)", "§6 Table 1",
+                  cases, "no story protocol stored (`wrapperlab stories table`)",
+                  "after the first reFT column: Twist rate above the control's, and the held-out loss at the last "
+                  "column below the control's")
+
+
+def _twist_probe(r: RunRecord | None, feature: str = "Twist") -> float | None:
+    res = r.results.get("feature_probe") if r is not None else None
+    accs = [x["acc"] for x in res.rows if x["feature"] == feature] if res is not None else []
+    return sum(accs) / len(accs) if accs else None
+
+
+def claim_tinystories_probe(ev: Evidence) -> dict:
+    deleted, control = _story_protocol(ev)
+    runs = _story_runs(ev)
+    ctrl_pt = runs.get(control.side.get("parent_id")) if control is not None else None
+    c = _twist_probe(ctrl_pt)
+    cases = []
+    for _, d in deleted:
+        pt = runs.get(d.side.get("parent_id"))
+        a, p = _twist_probe(d), _twist_probe(pt)
+        if None in (a, p, c):
+            continue
+        ok = a >= p - STORY_PROBE_TOLERANCE and a > c
+        cases.append((f"{d.cfg['dataset']} (lr {d.cfg['lr']:g}): Twist probe {_pct(a)} (mean over blocks) vs "
+                      f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok))
+    return _claim("tinystories-probe", "After deletion fine-tuning, Twist stays linearly readable in the residual "
+                  "stream", "Twist probe accuracy barely reduced vs the pretrained model, far above the "
+                  "not-in-pretraining model (Fig. 11a)", "§6 Fig. 11a", cases,
+                  "no feature probes stored (`wrapperlab stories table` or `stories probe`)",
+                  f"within {STORY_PROBE_TOLERANCE:g} of the pretrained model's accuracy and above the "
+                  "not-in-pretraining model's (means over blocks)")
 
 
 CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior,
-          claim_tracr_attention, claim_tracr_maxid, claim_tinystories)
+          claim_tracr_attention, claim_tracr_maxid, claim_tinystories, claim_tinystories_probe)
 
 
 def claims_table(ev: Evidence) -> list[dict]:

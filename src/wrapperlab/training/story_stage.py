@@ -14,7 +14,9 @@ checker of the procedural stories). A run directory holds ``checkpoint.json`` + 
 atomic, checksummed checkpoints as every wrapperlab stage) and ``tokenizer.model``; rerunning the same call resumes
 an interrupted run bit-identically (the batch of step s comes from ``(seed, s)``).
 
-The CLI, the cpu preset and the Table 1 analog that drive these stages are not built yet (docs/stories.md).
+``eval_at`` adds evaluation steps (the reFT columns of Table 1); ``judge`` names a classifier saved by ``wrapperlab
+stories judge`` for real stories (the exact checker judges procedural ones). ``experiments/stories_table.py`` drives
+the whole protocol (the cpu and paper presets, the Table 1 and Fig. 11a analogs).
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wrapperlab.models.llama import LlamaConfig, LlamaTransformer
-from wrapperlab.tasks.stories import deletion_dataset, filter_feature, load_shards, recovery_set, split_indices
+from wrapperlab.tasks.stories import (
+    deletion_dataset,
+    detect_features,
+    filter_feature,
+    load_shards,
+    recovery_set,
+    split_indices,
+)
 from wrapperlab.tasks.story_corpus import StoryStream, texts_of
 from wrapperlab.tasks.tokenizer import Tokenizer
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError
 from wrapperlab.training.generation import GenerationSettings, generation_score
+from wrapperlab.training.story_judge import load_judge
 
 TOKENIZER = "tokenizer.model"
 DATASETS = {"pretrain": ("all", "filter"), "delete": ("F", "F+R", "F+MM"), "recover": ("recovery",)}
@@ -69,6 +79,10 @@ class StoryStageConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
     eval_every: int = Field(250, ge=1)
+    eval_at: list[int] = Field(default_factory=list, description="extra evaluation steps (the reFT columns of "
+                               "Table 1: 30, 270, 3000 in the paper)")
+    judge: str | None = Field(None, description="the generation score's judge: None = the exact checker of the "
+                              "procedural stories; a path = a classifier saved by `stories judge` (real stories)")
     eval_n: int = Field(16, ge=1, description="prompts per generation score (the paper: 16)")
     max_new_tokens: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
@@ -77,6 +91,9 @@ class StoryStageConfig(BaseModel):
         if self.dataset not in DATASETS[self.stage]:
             raise ConfigError(f"dataset: a {self.stage} stage takes {' or '.join(DATASETS[self.stage])}, "
                               f"not {self.dataset!r}")
+        bad = [s for s in self.eval_at if not 0 < s <= self.steps]
+        if bad:
+            raise ConfigError(f"eval_at: steps must be in 1..steps={self.steps} (got {bad[0]})")
         if (self.stage == "pretrain") == (self.parent is not None):
             raise ConfigError("parent: pretrain starts from scratch; delete and recover need parent=RUN_DIR")
         return self
@@ -89,6 +106,9 @@ class StoryStageConfig(BaseModel):
         d = self.model_dump(mode="json")
         for k in ("parent", "threads", "data"):
             d.pop(k)
+        for k in ("eval_at", "judge"):  # left out while unset, so ids from before these fields stay valid
+            if not d[k]:
+                d.pop(k)
         blob = json.dumps({"config": d, "parent": parent_id, "data": str(Path(self.data).resolve())}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -185,11 +205,13 @@ class StoryStage:
             logits = model(batch[:, :-1])
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
+        judge = load_judge(c.judge) if c.judge else detect_features
+
         def evaluate(at: int) -> None:
             model.eval()
             with torch.no_grad():
                 loss = float(np.mean([lm_loss(b).item() for b in heldout]))
-            gen = generation_score(model, tok, self.split["test"], settings=GenerationSettings(
+            gen = generation_score(model, tok, self.split["test"], judge=judge, settings=GenerationSettings(
                 feature=c.feature, n=c.eval_n, max_new_tokens=c.max_new_tokens, seed=c.seed + at))
             model.train()
             metrics.append({"step": at, "heldout_loss": round(loss, 5), "score": gen.meta["score"],
@@ -231,7 +253,7 @@ class StoryStage:
             opt.step()
             step += 1
             done_here += 1
-            if step % c.eval_every == 0 or step == c.steps:
+            if step % c.eval_every == 0 or step == c.steps or step in c.eval_at:
                 evaluate(step)
                 side = save("done" if step == c.steps else "running")
             if stop_after is not None and done_here >= stop_after and step < c.steps:

@@ -1,0 +1,348 @@
+"""The TinyStories protocol end to end: the Table 1 and Fig. 11a analogs (paper.md §6.2–6.5; issue 6).
+
+One call trains (or reuses) every run of the protocol under ``OUT``:
+
+- ``pretrain`` ("present in pretraining") and ``control`` ("not in pretraining": the pretraining split without
+  Twist), sharing one tokenizer (§6.2);
+- ``delete-{F,F+R,F+MM}-{M,S}``: deletion fine-tuning of ``pretrain`` at η_M and η_S, constant LR (§6.3);
+- ``recover-…`` for each deleted model and ``recover-control``: reFT on the recovery set (Twist stories) at one LR
+  for every model, evaluated at the Table 1 columns (§6.3, §6.5);
+
+then probes the Twist feature per block in pretrain, control and the six deleted models (§6.4, Fig. 11a), and
+returns the rows of both tables beside the paper's values. A run directory is an ordinary story run
+(``training/story_stage.py``): a finished one is reused, an interrupted one resumes exactly.
+
+Presets (choices the paper does not make for us, written down here):
+
+- ``paper``: §6's values: d 768, 12 layers, 12 heads, context 1024, BPE 8192, batch 128; pretraining 30,000 steps
+  at 1e-3 (warmup 1000, cosine); deletion 4000 steps at η_M = 1e-4, η_S = 1e-5; reFT 4000 steps at 1e-5, columns
+  0 / 30 / 270 / 3000 (the authors' notebook reads "300" at 270); ≤ 350 new tokens. Needs real shards (``--data``)
+  and a judge (``--judge``), and a GPU.
+- ``cpu``: ≤ 30 minutes on 2 cores with procedural stories. The model of ``benchmarks/stories_learnability.py``
+  (d 128, 4 layers, context 256, BPE 512, batch 32) pretrains 1200 steps at 1e-3. It sees ~1/2000 of the paper's
+  deletion tokens (150 steps of 8K tokens vs 4000 of 131K), so the LR grid moves one decade up: η_M = 1e-3,
+  η_S = 1e-4 (the authors' sweep was {1e-3, 1e-4, 1e-5}; the paper reports the lower two), and reFT runs at η_S =
+  1e-4, as the paper's reFT LR equals its η_S. The columns 0 / 10 / 30 / 100 stand in for 0 / 30 / 300 / 3000: log
+  spaced like the paper's, the last near the run's end. ≤ 250 new tokens (procedural stories are ~140 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("F", "F+R", "F+MM")
+ETAS = ("M", "S")
+
+# Table 1 [P §5.2] (paper.md §6.5): percent of reFT generations with a twist at reFT iteration 0 / 30 / 300 / 3000
+PAPER_TABLE1 = {
+    ("F", "M"): (44, 81, 81, 82), ("F+R", "M"): (12, 56, 69, 75), ("F+MM", "M"): (31, 88, 50, 75),
+    ("F", "S"): (69, 88, 75, 94), ("F+R", "S"): (12, 44, 81, 81), ("F+MM", "S"): (50, 81, 62, 81),
+    ("control", ""): (12, 31, 44, 81),
+}
+PAPER_COLUMNS = (0, 30, 300, 3000)
+# Fig. 11a / 35 (paper.md §6.4-6.5), qualitative: the captions give no per-layer numbers
+PAPER_PROBE_CLAIM = ("Twist probe accuracy (y-range 0.84-0.95) is barely reduced relative to the pretrained model "
+                     "at η_S, a bit more at η_M, and both stay far above the not-in-pretraining model")
+
+
+@dataclass(frozen=True)
+class StoriesPreset:
+    name: str
+    model: dict
+    vocab_size: int
+    batch_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    warmup_frac: float
+    delete_steps: int
+    etas: dict  # "M" / "S" -> deletion LR
+    recover_steps: int
+    recover_lr: float
+    columns: tuple[int, ...]  # reFT steps of the Table 1 columns
+    max_new_tokens: int
+    eval_n: int = 16
+    probe_train: int = 1500
+    probe_test: int = 500
+    probe_iters: int = 2000
+    data: dict = field(default_factory=dict)  # procedural shards: shards, per_shard, feature_rate, seed
+
+
+PRESETS = {
+    "cpu": StoriesPreset("cpu", {"d_model": 128, "n_layer": 4, "n_head": 4, "seq_len": 256}, 512, 32,
+                         1200, 1e-3, 0.05, 150, {"M": 1e-3, "S": 1e-4}, 100, 1e-4, (0, 10, 30, 100), 250,
+                         data={"shards": 12, "per_shard": 2000, "feature_rate": 0.25, "seed": 0}),
+    "paper": StoriesPreset("paper", {"d_model": 768, "n_layer": 12, "n_head": 12, "seq_len": 1024}, 8192, 128,
+                           30000, 1e-3, 1000 / 30000, 4000, {"M": 1e-4, "S": 1e-5}, 4000, 1e-5, (0, 30, 270, 3000),
+                           350, probe_train=10000, probe_test=2000),
+}
+
+
+def preset(name: str, **changes) -> StoriesPreset:
+    from wrapperlab.training.config import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **changes) if changes else PRESETS[name]
+
+
+def check_preset(p: StoriesPreset) -> StoriesPreset:
+    """One-line ``ConfigError`` for a preset that cannot run (after key=value changes)."""
+    from wrapperlab.training.config import ConfigError
+
+    for name in ("pretrain_steps", "delete_steps", "recover_steps", "batch_size", "max_new_tokens", "eval_n",
+                 "probe_train", "probe_test", "probe_iters"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name}: must be an integer >= 1 (got {v!r})")
+    for name, v in (("pretrain_lr", p.pretrain_lr), ("recover_lr", p.recover_lr), ("eta_M", p.etas["M"]),
+                    ("eta_S", p.etas["S"])):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ConfigError(f"{name}: must be a number > 0 (got {v!r})")
+    cols = p.columns
+    if (not isinstance(cols, tuple) or len(cols) != len(PAPER_COLUMNS) or cols[0] != 0
+            or any(not isinstance(c, int) for c in cols) or list(cols) != sorted(set(cols))
+            or cols[-1] > p.recover_steps):
+        raise ConfigError(f"columns: need {len(PAPER_COLUMNS)} increasing reFT steps from 0 to at most "
+                          f"recover_steps={p.recover_steps}, like the paper's {list(PAPER_COLUMNS)} (got {cols!r})")
+    return p
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    stage: str
+    values: dict
+    parent: str | None = None
+
+
+def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0) -> list[Job]:
+    """Every run of the protocol in dependency order (a job's parent comes before it)."""
+    common = {"data": str(data), "vocab_size": p.vocab_size, "model": dict(p.model), "batch_size": p.batch_size,
+              "max_new_tokens": p.max_new_tokens, "eval_n": p.eval_n, "seed": seed, "judge": judge}
+    pre = {**common, "steps": p.pretrain_steps, "lr": p.pretrain_lr, "warmup_frac": p.warmup_frac,
+           "eval_every": p.pretrain_steps}
+    jobs = [Job("pretrain", "pretrain", {**pre, "dataset": "all"}),
+            Job("control", "pretrain", {**pre, "dataset": "filter"})]
+    rec = {**common, "steps": p.recover_steps, "lr": p.recover_lr, "dataset": "recovery",
+           "eval_every": p.recover_steps, "eval_at": [c for c in p.columns if 0 < c < p.recover_steps]}
+    for eta in ETAS:
+        for kind in KINDS:
+            jobs.append(Job(f"delete-{kind}-{eta}", "delete", {**common, "steps": p.delete_steps, "lr": p.etas[eta],
+                                                                "dataset": kind, "eval_every": p.delete_steps},
+                            "pretrain"))
+    for eta in ETAS:
+        for kind in KINDS:
+            jobs.append(Job(f"recover-{kind}-{eta}", "recover", dict(rec), f"delete-{kind}-{eta}"))
+    jobs.append(Job("recover-control", "recover", dict(rec), "control"))
+    return jobs
+
+
+def _run_job(job: Job, out: str, threads: int) -> dict:
+    """Train one run (a finished one returns at once); runs in a worker process too."""
+    import torch
+
+    from wrapperlab.training.story_stage import StoryStage, story_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    values = dict(job.values, threads=threads)
+    if job.parent:
+        values["parent"] = str(Path(out) / job.parent)
+    t0 = time.perf_counter()
+    side = StoryStage(story_config(stage=job.stage, **values), Path(out) / job.name).run()
+    return {"name": job.name, "status": side.get("status"), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _waves(jobs: list[Job]) -> list[list[Job]]:
+    depth: dict[str, int] = {}
+    for j in jobs:
+        depth[j.name] = 0 if j.parent is None else depth[j.parent] + 1
+    return [[j for j in jobs if depth[j.name] == d] for d in range(max(depth.values()) + 1)]
+
+
+def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: int = 0,
+                 log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Train every job (reusing finished runs), wave by wave: a wave's jobs share one parent depth, and with
+    ``workers`` > 1 run in that many processes (``threads`` each)."""
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.story_stage import story_config
+
+    for j in jobs:  # every config is valid before anything trains
+        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    done = []
+    for wave in _waves(jobs):
+        todo = []
+        for j in wave:
+            side_path = Path(out) / j.name / ck.SIDECAR
+            if side_path.is_file() and ck.read_sidecar(Path(out) / j.name).get("status") == "done":
+                done.append({"name": j.name, "status": "done", "seconds": 0.0, "reused": True})
+            else:
+                todo.append(j)
+        if not todo:
+            continue
+        log(f"training {', '.join(j.name for j in todo)}")
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+                results = list(pool.map(_run_job, todo, [str(out)] * len(todo), [threads] * len(todo)))
+        else:
+            results = [_run_job(j, str(out), threads) for j in todo]
+        for r in results:
+            log(f"  {r['name']}: {r['status']} in {r['seconds']:.0f} s")
+            if r["status"] != "done":
+                from wrapperlab.training.config import ConfigError
+
+                raise ConfigError(f"run {r['name']} ended {r['status']} (see {Path(out) / r['name']})")
+        done += results
+    return done
+
+
+# ------------------------------------------------------------------------------------------------- probes
+
+
+def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int = 2000, seed: int = 0,
+                    threads: int = 0):
+    """Fig. 11a's probes on one finished story run: story text only (the instruction stripped), BOS-prefixed,
+    left-padded with other stories' text to the model's context; trained on the pretraining split (the paper's
+    ``pretrain-all``), measured on the test split. Saves ``RUN/analysis/feature_probe.json``; returns the Result."""
+    import torch
+
+    from wrapperlab.analysis.feature_probes import FeatureProbeSettings, feature_probes
+    from wrapperlab.tasks.stories import STORY_FEATURES
+    from wrapperlab.tasks.story_corpus import left_padded
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.story_stage import StoryStage, story_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    side = ck.read_sidecar(run_dir)
+    if side.get("status") != "done":
+        raise ck.CheckpointError(f"{run_dir}: the run is not finished (status {side.get('status')})")
+    cfg = dict(side["config"])
+    st = StoryStage(story_config(**{**cfg, "parent": None, "stage": "pretrain", "dataset": "all"}), run_dir)
+    tok = st.tokenizer()
+    model = st.build_model(tok)
+    _, t = ck.load_tensors(run_dir, side)
+    model.load_state_dict(ck.split_prefix(t, "model"))
+    seq = model.cfg.seq_len
+    rng = np.random.default_rng([seed, 11])
+
+    def tokens(records, n):
+        pick = [records[int(i)] for i in rng.choice(len(records), size=min(n, len(records)), replace=False)]
+        ends = [tok.encode(r.story) for r in pick]
+        fillers = [tok.encode(r.story) for r in records[:512]]
+        y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
+        return left_padded(ends, fillers, seq, rng), y
+
+    xtr, ytr = tokens(st.split["pretrain"], n_train)
+    xte, yte = tokens(st.split["test"], n_test)
+    res = feature_probes(model, xtr, ytr, xte, yte, list(STORY_FEATURES), label=run_dir.name,
+                         settings=FeatureProbeSettings(iters=iters, seed=seed))
+    res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir), "n_train": int(len(ytr)),
+                     "n_test": int(len(yte)), "input": "story only, BOS-prefixed, left-padded to the context"})
+    res.save(run_dir / "analysis" / "feature_probe.json")
+    return res
+
+
+def _probe_job(args) -> None:
+    run_dir, n_train, n_test, iters, seed, threads = args
+    probe_story_run(run_dir, n_train, n_test, iters, seed, threads)
+
+
+PROBED = ("pretrain", "control") + tuple(f"delete-{k}-{e}" for e in ETAS for k in KINDS)
+
+
+def run_probes(p: StoriesPreset, out: str | Path, workers: int = 1, threads: int = 0, seed: int = 0,
+               log: Callable[[str], None] = lambda s: None) -> None:
+    todo = [n for n in PROBED if not (Path(out) / n / "analysis" / "feature_probe.json").is_file()]
+    if not todo:
+        return
+    log(f"probing {', '.join(todo)}")
+    args = [(str(Path(out) / n), p.probe_train, p.probe_test, p.probe_iters, seed, threads) for n in todo]
+    if workers > 1 and len(args) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(args))) as pool:
+            list(pool.map(_probe_job, args))
+    else:
+        for a in args:
+            _probe_job(a)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def _metrics(out: Path, name: str) -> list[dict]:
+    from wrapperlab.training import checkpoint as ck
+
+    return ck.read_sidecar(out / name).get("metrics", [])
+
+
+def _at(metrics: list[dict], step: int, key: str):
+    hit = [m for m in metrics if m["step"] == step]
+    return hit[-1][key] if hit else None
+
+
+def table1_rows(p: StoriesPreset, out: str | Path) -> list[dict]:
+    """One row per deleted model and the control: the twist rate and held-out loss at each reFT column, the
+    pretrained and post-deletion values, and the paper's Table 1 row."""
+    out = Path(out)
+    pt = _metrics(out, "pretrain")[-1]
+    rows = []
+    for eta in ETAS:
+        for kind in KINDS:
+            rows.append(_row(out, p, f"{kind} (η_{eta})", f"recover-{kind}-{eta}", PAPER_TABLE1[(kind, eta)],
+                             pt, _metrics(out, f"delete-{kind}-{eta}")[-1], p.etas[eta]))
+    rows.append(_row(out, p, "not in PT (control)", "recover-control", PAPER_TABLE1[("control", "")], pt,
+                     _metrics(out, "control")[-1], None))
+    return rows
+
+
+def _row(out: Path, p: StoriesPreset, label: str, name: str, paper: tuple, pt: dict, before: dict,
+         lr: float | None) -> dict:
+    m = _metrics(out, name)
+    row = {"model": label, "run": name, "delete_lr": lr, "pretrained_rate": pt["score"],
+           "pretrained_loss": pt["heldout_loss"], "before_reft_loss": before["heldout_loss"]}
+    for i, c in enumerate(p.columns):
+        row[f"rate@{c}"] = _at(m, c, "score")
+        row[f"loss@{c}"] = _at(m, c, "heldout_loss")
+        row[f"paper@{PAPER_COLUMNS[i]}"] = paper[i] / 100
+    return row
+
+
+def probe_rows(out: str | Path, feature: str = "Twist") -> list[dict]:
+    """Fig. 11a analog: the feature's probe accuracy per block for every probed model (with the base rate)."""
+    from wrapperlab.analysis.common import Result
+
+    rows = []
+    for name in PROBED:
+        path = Path(out) / name / "analysis" / "feature_probe.json"
+        if not path.is_file():
+            continue
+        res = Result.load(path)
+        hits = [r for r in res.rows if r["feature"] == feature]
+        row = {"model": name, "base_rate": hits[0]["base_rate"] if hits else None}
+        row |= {r["layer"]: r["acc"] for r in hits}
+        row["mean"] = float(np.mean([r["acc"] for r in hits])) if hits else None
+        rows.append(row)
+    return rows
+
+
+def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> dict:
+    out = Path(out)
+    res = {"preset": asdict(p), "columns": list(p.columns), "paper_columns": list(PAPER_COLUMNS),
+           "table1": table1_rows(p, out), "probes": probe_rows(out), "paper_probe_claim": PAPER_PROBE_CLAIM}
+    if wall_s is not None:
+        res["wall_s"] = round(wall_s, 1)
+    from wrapperlab.fileio import atomic_write_text
+
+    atomic_write_text(out / "stories_table.json", json.dumps(res, indent=1))
+    return res

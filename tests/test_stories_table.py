@@ -1,0 +1,187 @@
+"""`wrapperlab stories table | probe | judge`, the story judge and the TinyStories claims (issue 6), run as a user
+runs them (subprocess, real files) at a tiny scale."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from conftest import one_line_error, wl
+
+from wrapperlab.tasks.stories import STORY_FEATURES, generate_records, load_shards
+from wrapperlab.training.story_judge import JudgeError, load_judge, train_judge
+
+TINY = ["pretrain_steps=30", "delete_steps=6", "recover_steps=6", "columns=[0,2,4,6]", "eval_n=2",
+        "max_new_tokens=8", "probe_train=40", "probe_test=20", "probe_iters=20", "batch_size=8",
+        "model.d_model=32", "model.n_layer=3", "model.n_head=2", "model.seq_len=64", "vocab_size=360"]
+RUNS = ["pretrain", "control"] + [f"{s}-{k}-{e}" for s in ("delete", "recover") for e in "MS"
+                                  for k in ("F", "F+R", "F+MM")] + ["recover-control"]
+
+
+# ------------------------------------------------------------------------------------------------ the judge
+
+
+def test_judge_learns_the_features_from_labels_and_shuffled_labels_stay_at_the_base_rate():
+    """Labels come from the generator (independent of the judge; the exact checker agrees with them)."""
+    rng = np.random.default_rng(0)
+    train, held = generate_records(3000, rng), generate_records(600, rng)
+    judge = train_judge(train, held)
+    acc = judge.heldout["accuracy"]
+    assert all(acc[f] >= 0.95 for f in STORY_FEATURES), acc
+    truth = np.array([[f in r.features for f in STORY_FEATURES] for r in held])
+    pred = np.array([[f in judge(r.story) for f in STORY_FEATURES] for r in held])
+    assert np.allclose((pred == truth).mean(0), [acc[f] for f in STORY_FEATURES])  # reported = recomputed
+    perm = rng.permutation(len(train))
+    shuffled = [dataclasses.replace(train[i], features=train[perm[i]].features) for i in range(len(train))]
+    blind = train_judge(shuffled, held)
+    assert all(blind.heldout["accuracy"][f] <= blind.heldout["base_rate"][f] + 0.03 for f in STORY_FEATURES)
+
+
+def test_judge_file_round_trips_and_bad_files_are_one_line(tmp_path):
+    rng = np.random.default_rng(1)
+    judge = train_judge(generate_records(400, rng), generate_records(100, rng), epochs=2)
+    path = judge.save(tmp_path / "judge.json")
+    back = load_judge(path)
+    stories = [r.story for r in generate_records(50, rng)]
+    assert np.allclose(back.logits(stories), judge.logits(stories), atol=1e-4)
+    assert back.heldout == judge.heldout
+    for text, needle in [("{not json", "cannot read"), ('{"format": "x"}', "not a story judge"),
+                         (json.dumps({**json.loads(path.read_text()), "weight": [[1.0]]}), "malformed"),
+                         (json.dumps({**json.loads(path.read_text()), "features": ["Plot", *STORY_FEATURES[1:]]}),
+                          "unknown features")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(JudgeError, match=needle) as e:
+            load_judge(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_judge_command_trains_reports_and_saves(tmp_path):
+    shards = tmp_path / "shards"
+    assert wl("stories", "generate", "--out", str(shards), "--shards", "4", "--per-shard", "300").returncode == 0
+    r = wl("stories", "judge", "--data", str(shards), "--out", str(tmp_path / "j.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n_train"] == 900 and res["n_heldout"] == 300  # shards 1-3 train, shard 0 held out
+    assert res["accuracy"]["Twist"] >= 0.9
+    test = load_shards(shards)[0]
+    judge = load_judge(tmp_path / "j.json")
+    twist = np.mean([("Twist" in judge(x.story)) == ("Twist" in x.features) for x in test])
+    assert twist == pytest.approx(res["accuracy"]["Twist"])
+    one_line_error(wl("stories", "judge", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "k.json")),
+                   "none")
+    assert not (tmp_path / "k.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ the whole protocol
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stories_table")
+    shards = tmp / "shards"
+    assert wl("stories", "generate", "--out", str(shards), "--shards", "6", "--per-shard", "200").returncode == 0
+    out = tmp / "runs"
+    r = wl("stories", "table", *TINY, "--data", str(shards), "--out", str(out), "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout)
+
+
+def _side(out, name):
+    return json.loads((out / name / "checkpoint.json").read_text())
+
+
+def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
+    out, res = protocol
+    for name in RUNS:
+        side = _side(out, name)
+        assert side["status"] == "done", name
+    # the chain: every deletion starts from pretrain, every reFT from its deletion (or the control)
+    assert {_side(out, f"delete-{k}-M")["parent_id"] for k in ("F", "F+R", "F+MM")} == {_side(out, "pretrain")["run_id"]}
+    assert _side(out, "recover-control")["parent_id"] == _side(out, "control")["run_id"]
+    assert _side(out, "control")["config"]["dataset"] == "filter"
+    assert [_side(out, f"delete-F-{e}")["config"]["lr"] for e in "MS"] == [1e-3, 1e-4]  # the cpu preset's grid
+    assert res["columns"] == [0, 2, 4, 6] and res["paper_columns"] == [0, 30, 300, 3000]
+    rows = {r["run"]: r for r in res["table1"]}
+    assert set(rows) == {n for n in RUNS if n.startswith("recover")}
+    for name, row in rows.items():
+        metrics = {m["step"]: m for m in _side(out, name)["metrics"]}
+        assert sorted(metrics) == [0, 2, 4, 6]  # evaluated exactly at the columns
+        for c in (0, 2, 4, 6):
+            assert row[f"rate@{c}"] == metrics[c]["score"] and row[f"loss@{c}"] == metrics[c]["heldout_loss"]
+            assert row[f"rate@{c}"] * 2 in (0, 1, 2)  # a share of eval_n = 2 generations
+    assert rows["recover-F-M"]["paper@30"] == 0.81 and rows["recover-control"]["paper@3000"] == 0.81
+    assert rows["recover-F+R-S"]["before_reft_loss"] == _side(out, "delete-F+R-S")["metrics"][-1]["heldout_loss"]
+    probes = {r["model"]: r for r in res["probes"]}
+    assert set(probes) == {"pretrain", "control"} | {f"delete-{k}-{e}" for e in "MS" for k in ("F", "F+R", "F+MM")}
+    stored = json.loads((out / "delete-F-M" / "analysis" / "feature_probe.json").read_text())
+    twist = [x for x in stored["rows"] if x["feature"] == "Twist"]
+    assert [x["layer"] for x in twist] == ["B0", "B1"]  # after every block but the last
+    assert probes["delete-F-M"]["B1"] == twist[1]["acc"]
+    assert json.loads((out / "stories_table.json").read_text())["table1"] == res["table1"]
+
+
+def test_table_rerun_reuses_every_run_and_prints_the_tables(protocol):
+    out, res = protocol
+    before = {n: (out / n / "checkpoint.json").read_bytes() for n in RUNS}
+    r = wl("stories", "table", *TINY, "--data", str(out.parent / "shards"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "training" not in r.stderr and "probing" not in r.stderr  # nothing trained again
+    assert {n: (out / n / "checkpoint.json").read_bytes() for n in RUNS} == before
+    assert "Table 1 analog" in r.stdout and "Fig. 11a analog" in r.stdout
+    assert "F+MM (η_S)" in r.stdout and "not in PT (control)" in r.stdout
+
+
+def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tmp_path):
+    out, _ = protocol
+
+    def claims():
+        r = wl("report", str(out), "--out", str(tmp_path / "rep"), "--json")
+        assert r.returncode == 0, r.stderr
+        return {c["id"]: c for c in json.loads(r.stdout)["claims"]}
+
+    c = claims()
+    assert c["tinystories"]["cases"] == 6 and c["tinystories-probe"]["cases"] == 6
+    assert c["tinystories"]["status"] != "not measured" and c["tinystories-probe"]["status"] != "not measured"
+    side_path = out / "recover-control" / "checkpoint.json"
+    original = side_path.read_text()
+    try:
+        side = json.loads(original)
+        for m in side["metrics"]:  # a control that learns Twist at once and ends with the lowest loss
+            m["score"], m["heldout_loss"] = 1.0, 0.0
+        side_path.write_text(json.dumps(side))
+        assert claims()["tinystories"]["status"] == "not reproduced"
+        for m in side["metrics"]:  # a control that never learns it
+            m["score"], m["heldout_loss"] = 0.0, 99.0
+        side_path.write_text(json.dumps(side))
+        recs = [json.loads((out / f"recover-{k}-{e}" / "checkpoint.json").read_text()) for e in "MS"
+                for k in ("F", "F+R", "F+MM")]
+        expect = "reproduced" if all(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
+            else "partial" if any(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
+            else "not reproduced"
+        assert claims()["tinystories"]["status"] == expect
+    finally:
+        side_path.write_text(original)
+
+
+def test_probe_command_writes_results_for_any_story_run(protocol):
+    out, _ = protocol
+    r = wl("stories", "probe", str(out / "recover-F-M"), "--n-train", "30", "--n-test", "10", "--iters", "10",
+           "--json")
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert {x["feature"] for x in res["rows"]} == set(STORY_FEATURES) and res["meta"]["n_test"] == 10
+    assert (out / "recover-F-M" / "analysis" / "feature_probe.json").is_file()
+
+
+def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "runs"
+    one_line_error(wl("stories", "table", "pretrain_steps=0", "--out", str(out)), "pretrain_steps")
+    one_line_error(wl("stories", "table", "columns=[0,50,20,100]", "--out", str(out)), "columns")
+    one_line_error(wl("stories", "table", "flavour=1", "--out", str(out)), "flavour")
+    one_line_error(wl("stories", "table", "eta_M=-1", "--out", str(out)), "eta_M")
+    one_line_error(wl("stories", "table", "--preset", "paper", "--out", str(out)), "--data")
+    one_line_error(wl("stories", "table", "--preset", "huge", "--out", str(out)), "huge")
+    (tmp_path / "j.json").write_text("{}")
+    one_line_error(wl("stories", "table", "--judge", str(tmp_path / "j.json"), "--out", str(out)), "judge")
+    assert not out.exists()
