@@ -97,7 +97,8 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
         side = _side(out, name)
         assert side["status"] == "done", name
     # the chain: every deletion starts from pretrain, every reFT from its deletion (or the control)
-    assert {_side(out, f"delete-{k}-M")["parent_id"] for k in ("F", "F+R", "F+MM")} == {_side(out, "pretrain")["run_id"]}
+    parents = {_side(out, f"delete-{k}-{e}")["parent_id"] for k in ("F", "F+R", "F+MM") for e in "MS"}
+    assert parents == {_side(out, "pretrain")["run_id"]}
     assert _side(out, "recover-control")["parent_id"] == _side(out, "control")["run_id"]
     assert _side(out, "control")["config"]["dataset"] == "filter"
     assert [_side(out, f"delete-F-{e}")["config"]["lr"] for e in "MS"] == [1e-3, 1e-4]  # the cpu preset's grid

@@ -31,12 +31,16 @@ def user_errors() -> Iterator[None]:
     from wrapperlab.analysis.common import AnalysisError
     from wrapperlab.experiments.spec import SpecError
     from wrapperlab.experiments.store import StoreError
+    from wrapperlab.tasks.stories import StoriesError
+    from wrapperlab.tasks.tokenizer import TokenizerError
     from wrapperlab.training.checkpoint import CheckpointError
     from wrapperlab.training.config import ConfigError
+    from wrapperlab.training.story_judge import JudgeError
 
     try:
         yield
-    except (AnalysisError, CheckpointError, ConfigError, SpecError, StoreError) as e:
+    except (AnalysisError, CheckpointError, ConfigError, SpecError, StoreError, StoriesError, TokenizerError,
+            JudgeError) as e:
         _fail(str(e))
 
 

@@ -207,6 +207,9 @@ def reproduce_cmd(
     show_spec: bool = typer.Option(False, "--show-spec", help="print the preset's experiment spec (YAML) and stop"),
     as_json: bool = typer.Option(False, "--json", help="print the outcome and the claims as one JSON object"),
     progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
+    stories: bool = typer.Option(False, "--stories", help="also run the TinyStories protocol (`stories table`, "
+                                                          "cpu preset, ~30 min on 2 cores) into OUT/stories; its "
+                                                          "claims join the report"),
 ) -> None:
     """Reproduce the paper: run the preset's experiment spec (runs, analyses), then write the HTML report and
     print the claims table. Interrupt it any time; the same command resumes."""
@@ -223,8 +226,19 @@ def reproduce_cmd(
 
     with user_errors():
         spec = parse_spec(yaml.safe_load(text), f"preset {preset}")
+    if stories and preset == "paper":
+        _fail("--stories: the paper-scale TinyStories protocol needs real shards and a judge: run `wrapperlab "
+              "stories table --preset paper --data SHARDS --judge JUDGE --out OUT/stories`")
     with _interrupt_note(out_dir):
         res = execute_spec(spec, out_dir, workers, threads, executor, address, device, False, progress)
+        if stories:
+            from wrapperlab.cli_common import err
+            from wrapperlab.experiments import stories_table as ST
+
+            with user_errors():
+                ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=1, threads=threads,
+                             log=(lambda s: None) if as_json or not progress
+                             else (lambda s: err.print(s, highlight=False, markup=False)))
     with user_errors():
         rep = build_report(out_dir, out_dir / "report", f"wrapperlab reproduce --preset {preset}")
     if as_json:

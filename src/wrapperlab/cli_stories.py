@@ -219,7 +219,6 @@ def table_cmd(
     for Twist; print the Table 1 analog (Twist rate at the reFT columns) and the Fig. 11a analog beside the
     paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
     import dataclasses
-    import time
 
     from wrapperlab.cli_common import err
     from wrapperlab.experiments import stories_table as ST
@@ -227,7 +226,7 @@ def table_cmd(
     from wrapperlab.tasks.tokenizer import TokenizerError
     from wrapperlab.training import checkpoint as ck
     from wrapperlab.training.config import ConfigError, parse_value
-    from wrapperlab.training.story_judge import JudgeError, load_judge
+    from wrapperlab.training.story_judge import JudgeError
 
     log = (lambda s: None) if as_json else (lambda s: err.print(s, highlight=False, markup=False))
     if workers < 1:
@@ -247,28 +246,7 @@ def table_cmd(
             else:
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
-        if judge is not None:
-            load_judge(judge)  # a bad file fails now, not after hours of training
-        if data is None:
-            if not p.data:
-                raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
-            data = out_dir / "shards"
-            if not list(data.glob("data*.json")):
-                import numpy as np
-
-                from wrapperlab.tasks.stories import generate_records, write_shards
-
-                rng = np.random.default_rng(p.data["seed"])
-                write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
-                              for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
-                log(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
-        jobs = ST.plan(p, data.resolve(), str(judge.resolve()) if judge else None, seed)
-        t0 = time.perf_counter()
-        per = threads or (max(1, 2 // workers) if workers > 1 else 0)
-        ST.run_protocol(jobs, out_dir, workers, per, log)
-        if probes:
-            ST.run_probes(p, out_dir, workers, per, seed, log)
-        res = ST.summary(p, out_dir, time.perf_counter() - t0)
+        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log)
     except (ConfigError, StoriesError, TokenizerError, JudgeError, ck.CheckpointError) as e:
         _fail(str(e))
     if as_json:

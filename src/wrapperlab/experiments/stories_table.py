@@ -346,3 +346,38 @@ def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> d
 
     atomic_write_text(out / "stories_table.json", json.dumps(res, indent=1))
     return res
+
+
+def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None, judge: str | Path | None = None,
+              workers: int = 1, threads: int = 0, seed: int = 0, probes: bool = True,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """The whole protocol under ``out``: procedural shards (when ``data`` is None and the preset has a recipe),
+    every run, the probes, and the summary (also saved as ``OUT/stories_table.json``)."""
+    from wrapperlab.training.config import ConfigError
+    from wrapperlab.training.story_judge import load_judge
+    from wrapperlab.training.story_stage import story_config
+
+    check_preset(p)
+    out = Path(out)
+    for j in plan(p, "unchecked", None, seed):  # every config is valid before anything is written
+        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    if judge is not None:
+        load_judge(judge)  # a bad file fails now, not after hours of training
+    if data is None:
+        if not p.data:
+            raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
+        data = out / "shards"
+        if not list(Path(data).glob("data*.json")):
+            from wrapperlab.tasks.stories import generate_records, write_shards
+
+            rng = np.random.default_rng(p.data["seed"])
+            write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
+                          for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
+            log(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
+    jobs = plan(p, Path(data).resolve(), str(Path(judge).resolve()) if judge else None, seed)
+    t0 = time.perf_counter()
+    per = threads or (max(1, 2 // workers) if workers > 1 else 0)
+    run_protocol(jobs, out, workers, per, log)
+    if probes:
+        run_probes(p, out, workers, per, seed, log)
+    return summary(p, out, time.perf_counter() - t0)

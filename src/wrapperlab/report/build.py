@@ -76,7 +76,11 @@ def _run_dirs(target: Path) -> tuple[list[Path], str]:
     if is_store(target):
         store = Store(target, create=False)
         store.sync()
-        return [Path(r["run_dir"]) for r in store.runs()], f"store {target}"
+        dirs = [Path(r["run_dir"]) for r in store.runs()]
+        # the TinyStories protocol (`reproduce --stories`, `stories table --out STORE/stories`) sits beside the store
+        stories = sorted(p.parent for p in (target / "stories").rglob(ck.SIDECAR)) if (target / "stories").is_dir() \
+            else []
+        return dirs + stories, f"store {target}" + (f" and {len(stories)} story runs" if stories else "")
     if target.is_dir():
         dirs = sorted(p.parent for p in target.rglob(ck.SIDECAR))
         if dirs:
