@@ -104,8 +104,9 @@ def inspect_cmd(
                f"{splits['pretrain']}, fine-tune {splits['finetune']}")
 
 
-STAGE_OVERRIDES = ("steps, lr, batch_size, seed, eval_every, eval_n, max_new_tokens, vocab_size, threads, "
-                   "model.d_model, model.n_layer, model.n_head, model.seq_len, feature, other")
+STAGE_OVERRIDES = ("steps, lr, batch_size, seed, eval_every, eval_at, eval_n, max_new_tokens, vocab_size, threads, "
+                   "device, precision, judge, model.d_model, model.n_layer, model.n_head, model.seq_len, feature, "
+                   "other")
 
 
 def _run_stage(stage: str, values: dict, overrides: list[str] | None, out_dir: Path, as_json: bool,
@@ -211,6 +212,7 @@ def table_cmd(
     workers: int = typer.Option(1, help="parallel training processes per wave (threads split between them)"),
     threads: int = typer.Option(0, help="torch threads per process (0: torch's default)"),
     seed: int = typer.Option(0, help="training seed of every run"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ) -> None:
@@ -246,7 +248,7 @@ def table_cmd(
             else:
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
-        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log)
+        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log, device)
     except (ConfigError, StoriesError, TokenizerError, JudgeError, ck.CheckpointError) as e:
         _fail(str(e))
     if as_json:
@@ -282,6 +284,7 @@ def probe_cmd(
     n_test: int = typer.Option(500, help="held-out stories (from the test split)"),
     iters: int = typer.Option(2000, help="probe training iterations (the paper: 2000, batch 128, lr 1e-3)"),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per-block linear probes for the six story features on the mean of the last 10 positions (§6.4, Fig. 11a);
@@ -297,7 +300,7 @@ def probe_cmd(
     results = []
     for d in run_dirs:
         try:
-            results.append(probe_story_run(d, n_train, n_test, iters, seed))
+            results.append(probe_story_run(d, n_train, n_test, iters, seed, device=device))
         except (AnalysisError, ConfigError, StoriesError, ck.CheckpointError) as e:
             _fail(f"{d}: {e}")
     if as_json:

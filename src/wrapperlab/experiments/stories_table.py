@@ -66,6 +66,7 @@ class StoriesPreset:
     recover_lr: float
     columns: tuple[int, ...]  # reFT steps of the Table 1 columns
     max_new_tokens: int
+    precision: str = "fp32"
     eval_n: int = 16
     probe_train: int = 1500
     probe_test: int = 500
@@ -79,7 +80,7 @@ PRESETS = {
                          data={"shards": 12, "per_shard": 2000, "feature_rate": 0.25, "seed": 0}),
     "paper": StoriesPreset("paper", {"d_model": 768, "n_layer": 12, "n_head": 12, "seq_len": 1024}, 8192, 128,
                            30000, 1e-3, 1000 / 30000, 4000, {"M": 1e-4, "S": 1e-5}, 4000, 1e-5, (0, 30, 270, 3000),
-                           350, probe_train=10000, probe_test=2000),
+                           350, precision="bf16", probe_train=10000, probe_test=2000),
 }
 
 
@@ -121,10 +122,12 @@ class Job:
     parent: str | None = None
 
 
-def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0) -> list[Job]:
+def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0,
+         device: str = "cpu") -> list[Job]:
     """Every run of the protocol in dependency order (a job's parent comes before it)."""
     common = {"data": str(data), "vocab_size": p.vocab_size, "model": dict(p.model), "batch_size": p.batch_size,
-              "max_new_tokens": p.max_new_tokens, "eval_n": p.eval_n, "seed": seed, "judge": judge}
+              "max_new_tokens": p.max_new_tokens, "eval_n": p.eval_n, "seed": seed, "judge": judge,
+              "device": device, "precision": p.precision}
     pre = {**common, "steps": p.pretrain_steps, "lr": p.pretrain_lr, "warmup_frac": p.warmup_frac,
            "eval_every": p.pretrain_steps}
     jobs = [Job("pretrain", "pretrain", {**pre, "dataset": "all"}),
@@ -208,7 +211,7 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
 
 
 def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int = 2000, seed: int = 0,
-                    threads: int = 0):
+                    threads: int = 0, device: str = "cpu"):
     """Fig. 11a's probes on one finished story run: story text only (the instruction stripped), BOS-prefixed,
     left-padded with other stories' text to the model's context; trained on the pretraining split (the paper's
     ``pretrain-all``), measured on the test split. Saves ``RUN/analysis/feature_probe.json``; returns the Result."""
@@ -227,11 +230,13 @@ def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int =
     if side.get("status") != "done":
         raise ck.CheckpointError(f"{run_dir}: the run is not finished (status {side.get('status')})")
     cfg = dict(side["config"])
-    st = StoryStage(story_config(**{**cfg, "parent": None, "stage": "pretrain", "dataset": "all"}), run_dir)
+    st = StoryStage(story_config(**{**cfg, "parent": None, "stage": "pretrain", "dataset": "all",
+                                    "device": device}), run_dir)
     tok = st.tokenizer()
     model = st.build_model(tok)
     _, t = ck.load_tensors(run_dir, side)
     model.load_state_dict(ck.split_prefix(t, "model"))
+    model.to(device)
     seq = model.cfg.seq_len
     rng = np.random.default_rng([seed, 11])
 
@@ -253,20 +258,19 @@ def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int =
 
 
 def _probe_job(args) -> None:
-    run_dir, n_train, n_test, iters, seed, threads = args
-    probe_story_run(run_dir, n_train, n_test, iters, seed, threads)
+    probe_story_run(*args)
 
 
 PROBED = ("pretrain", "control") + tuple(f"delete-{k}-{e}" for e in ETAS for k in KINDS)
 
 
 def run_probes(p: StoriesPreset, out: str | Path, workers: int = 1, threads: int = 0, seed: int = 0,
-               log: Callable[[str], None] = lambda s: None) -> None:
+               log: Callable[[str], None] = lambda s: None, device: str = "cpu") -> None:
     todo = [n for n in PROBED if not (Path(out) / n / "analysis" / "feature_probe.json").is_file()]
     if not todo:
         return
     log(f"probing {', '.join(todo)}")
-    args = [(str(Path(out) / n), p.probe_train, p.probe_test, p.probe_iters, seed, threads) for n in todo]
+    args = [(str(Path(out) / n), p.probe_train, p.probe_test, p.probe_iters, seed, threads, device) for n in todo]
     if workers > 1 and len(args) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -350,7 +354,7 @@ def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> d
 
 def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None, judge: str | Path | None = None,
               workers: int = 1, threads: int = 0, seed: int = 0, probes: bool = True,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              log: Callable[[str], None] = lambda s: None, device: str = "cpu") -> dict:
     """The whole protocol under ``out``: procedural shards (when ``data`` is None and the preset has a recipe),
     every run, the probes, and the summary (also saved as ``OUT/stories_table.json``)."""
     from wrapperlab.training.config import ConfigError
@@ -359,7 +363,7 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
 
     check_preset(p)
     out = Path(out)
-    for j in plan(p, "unchecked", None, seed):  # every config is valid before anything is written
+    for j in plan(p, "unchecked", None, seed, device):  # every config is valid before anything is written
         story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
     if judge is not None:
         load_judge(judge)  # a bad file fails now, not after hours of training
@@ -374,10 +378,10 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
             write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
                           for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
             log(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
-    jobs = plan(p, Path(data).resolve(), str(Path(judge).resolve()) if judge else None, seed)
+    jobs = plan(p, Path(data).resolve(), str(Path(judge).resolve()) if judge else None, seed, device)
     t0 = time.perf_counter()
     per = threads or (max(1, 2 // workers) if workers > 1 else 0)
     run_protocol(jobs, out, workers, per, log)
     if probes:
-        run_probes(p, out, workers, per, seed, log)
+        run_probes(p, out, workers, per, seed, log, device)
     return summary(p, out, time.perf_counter() - t0)

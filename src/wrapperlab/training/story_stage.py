@@ -86,6 +86,9 @@ class StoryStageConfig(BaseModel):
     eval_n: int = Field(16, ge=1, description="prompts per generation score (the paper: 16)")
     max_new_tokens: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda[:N] (not part of the run id)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 autocast (the authors' default on "
+                                               "a GPU); left out of the run id at fp32")
 
     def check(self) -> StoryStageConfig:
         if self.dataset not in DATASETS[self.stage]:
@@ -104,8 +107,10 @@ class StoryStageConfig(BaseModel):
 
     def run_id(self, parent_id: str | None) -> str:
         d = self.model_dump(mode="json")
-        for k in ("parent", "threads", "data"):
+        for k in ("parent", "threads", "data", "device"):
             d.pop(k)
+        if d["precision"] == "fp32":
+            d.pop("precision")
         for k in ("eval_at", "judge"):  # left out while unset, so ids from before these fields stay valid
             if not d[k]:
                 d.pop(k)
@@ -173,6 +178,9 @@ class StoryStage:
         c = self.cfg
         if c.threads:
             torch.set_num_threads(c.threads)
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: {c.device} requested but torch sees no CUDA device")
+        dev = torch.device(c.device)
         side = ck.read_sidecar(self.run_dir) if (self.run_dir / ck.SIDECAR).is_file() else None
         if side and side.get("run_id") != self.run_id:
             raise ConfigError(f"out: {self.run_dir} holds a different run ({side.get('run_id')})")
@@ -181,7 +189,7 @@ class StoryStage:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
         torch.manual_seed(c.seed)
-        model = self.build_model(tok)
+        model = self.build_model(tok).to(dev)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
@@ -202,8 +210,10 @@ class StoryStage:
         heldout = [held.lm_batch(c.batch_size, seq, np.random.default_rng([c.seed, 9, i])) for i in range(4)]
 
         def lm_loss(batch: torch.Tensor) -> torch.Tensor:
-            logits = model(batch[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            batch = batch.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+                logits = model(batch[:, :-1])
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
         judge = load_judge(c.judge) if c.judge else detect_features
 
