@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import one_line_error, wl
 
 from wrapperlab.tasks.stories import STORY_FEATURES, generate_records, load_shards
@@ -183,6 +184,10 @@ def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):
     one_line_error(wl("stories", "table", "eta_M=-1", "--out", str(out)), "eta_M")
     one_line_error(wl("stories", "table", "--preset", "paper", "--out", str(out)), "--data")
     one_line_error(wl("stories", "table", "--preset", "huge", "--out", str(out)), "huge")
+    one_line_error(wl("stories", "table", "model.d_model=-4", "--out", str(out)), "d_model")
+    one_line_error(wl("stories", "table", "--device", "tpu", "--out", str(out)), "device")
+    if not torch.cuda.is_available():
+        one_line_error(wl("stories", "table", "--device", "cuda", "--out", str(out)), "CUDA")
     (tmp_path / "j.json").write_text("{}")
     one_line_error(wl("stories", "table", "--judge", str(tmp_path / "j.json"), "--out", str(out)), "judge")
     assert not out.exists()

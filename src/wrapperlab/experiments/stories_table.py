@@ -365,6 +365,10 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
     out = Path(out)
     for j in plan(p, "unchecked", None, seed, device):  # every config is valid before anything is written
         story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} requested but torch sees no CUDA device")
     if judge is not None:
         load_judge(judge)  # a bad file fails now, not after hours of training
     if data is None:
