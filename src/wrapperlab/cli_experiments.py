@@ -236,7 +236,7 @@ def reproduce_cmd(
             from wrapperlab.experiments import stories_table as ST
 
             with user_errors():
-                ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=1, threads=threads,
+                ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=2, threads=threads,
                              log=(lambda s: None) if as_json or not progress
                              else (lambda s: err.print(s, highlight=False, markup=False)))
     with user_errors():
