@@ -22,7 +22,7 @@ Presets (choices the paper does not make for us, written down here):
   (d 128, 4 layers, context 256, BPE 512, batch 32) pretrains 800 steps at 2e-3 on 24,000 stories in which Twist is
   drawn with probability 0.5 (the other features 0.25): measured, 1000 steps at 1e-3 with Twist at 0.25 gave a model
   that writes a twist in only 6 of 16 stories asked for one, 800 at 2e-3 gave 10 of 16, and Twist at 0.5 learns
-  faster still (docs/stories.md). The capability has to be there before deleting it means anything. It sees ~1/2000
+  faster still (docs/stories.md). The capability has to be there before deleting it means anything. It sees ~1/400
   of the paper's deletion tokens (150 steps of 8K tokens vs 4000 of 131K), so the LR grid moves one decade up: η_M =
   1e-3, η_S = 1e-4 (the authors' sweep was {1e-3, 1e-4, 1e-5}; the paper reports the lower two), and reFT runs at
   η_S = 1e-4, as the paper's reFT LR equals its η_S. The columns 0 / 10 / 30 / 100 stand in for 0 / 30 / 300 / 3000:
