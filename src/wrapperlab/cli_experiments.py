@@ -237,7 +237,7 @@ def reproduce_cmd(
 
             with user_errors():
                 ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=2, threads=threads,
-                             log=(lambda s: None) if as_json or not progress
+                             log=None if as_json or not progress
                              else (lambda s: err.print(s, highlight=False, markup=False)))
     with user_errors():
         rep = build_report(out_dir, out_dir / "report", f"wrapperlab reproduce --preset {preset}")

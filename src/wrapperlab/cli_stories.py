@@ -231,7 +231,7 @@ def table_cmd(
     from wrapperlab.training.config import ConfigError, parse_value
     from wrapperlab.training.story_judge import JudgeError
 
-    log = (lambda s: None) if as_json else (lambda s: err.print(s, highlight=False, markup=False))
+    log = None if as_json else (lambda s: err.print(s, highlight=False, markup=False))
     if workers < 1:
         _fail(f"--workers: must be >= 1 (got {workers})")
     try:

@@ -151,8 +151,11 @@ def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int
     return jobs
 
 
-def _run_job(job: Job, out: str, threads: int) -> dict:
-    """Train one run (a finished one returns at once); runs in a worker process too."""
+def _run_job(job: Job, out: str, threads: int, verbose: bool = False) -> dict:
+    """Train one run (a finished one returns at once); runs in a worker process too. ``verbose``: print each
+    evaluation to stderr, prefixed with the run's name (a long protocol shows progress)."""
+    import sys
+
     import torch
 
     from wrapperlab.training.story_stage import StoryStage, story_config
@@ -163,7 +166,8 @@ def _run_job(job: Job, out: str, threads: int) -> dict:
     if job.parent:
         values["parent"] = str(Path(out) / job.parent)
     t0 = time.perf_counter()
-    side = StoryStage(story_config(stage=job.stage, **values), Path(out) / job.name).run()
+    log = (lambda m: print(f"  {job.name} {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    side = StoryStage(story_config(stage=job.stage, **values), Path(out) / job.name).run(log=log)
     return {"name": job.name, "status": side.get("status"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -175,7 +179,7 @@ def _waves(jobs: list[Job]) -> list[list[Job]]:
 
 
 def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: int = 0,
-                 log: Callable[[str], None] = lambda s: None) -> list[dict]:
+                 log: Callable[[str], None] | None = None) -> list[dict]:
     """Train every job (reusing finished runs), wave by wave: a wave's jobs share one parent depth, and with
     ``workers`` > 1 run in that many processes (``threads`` each)."""
     from wrapperlab.training import checkpoint as ck
@@ -183,6 +187,8 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
 
     for j in jobs:  # every config is valid before anything trains
         story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    verbose = log is not None
+    log = log or (lambda s: None)
     done = []
     for wave in _waves(jobs):
         todo = []
@@ -199,9 +205,10 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(min(workers, len(todo))) as pool:
-                results = list(pool.map(_run_job, todo, [str(out)] * len(todo), [threads] * len(todo)))
+                results = list(pool.map(_run_job, todo, [str(out)] * len(todo), [threads] * len(todo),
+                                        [verbose] * len(todo)))
         else:
-            results = [_run_job(j, str(out), threads) for j in todo]
+            results = [_run_job(j, str(out), threads, verbose) for j in todo]
         for r in results:
             log(f"  {r['name']}: {r['status']} in {r['seconds']:.0f} s")
             if r["status"] != "done":
@@ -359,7 +366,7 @@ def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> d
 
 def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None, judge: str | Path | None = None,
               workers: int = 1, threads: int = 0, seed: int = 0, probes: bool = True,
-              log: Callable[[str], None] = lambda s: None, device: str = "cpu") -> dict:
+              log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
     """The whole protocol under ``out``: procedural shards (when ``data`` is None and the preset has a recipe),
     every run, the probes, and the summary (also saved as ``OUT/stories_table.json``)."""
     from wrapperlab.training.config import ConfigError
@@ -368,6 +375,7 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
 
     check_preset(p)
     out = Path(out)
+    say = log or (lambda s: None)
     for j in plan(p, "unchecked", None, seed, device):  # every config is valid before anything is written
         story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
     import torch
@@ -386,11 +394,11 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
             rng = np.random.default_rng(p.data["seed"])
             write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
                           for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
-            log(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
+            say(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
     jobs = plan(p, Path(data).resolve(), str(Path(judge).resolve()) if judge else None, seed, device)
     t0 = time.perf_counter()
     per = threads or (max(1, 2 // workers) if workers > 1 else 0)
     run_protocol(jobs, out, workers, per, log)
     if probes:
-        run_probes(p, out, workers, per, seed, log, device)
+        run_probes(p, out, workers, per, seed, say, device)
     return summary(p, out, time.perf_counter() - t0)

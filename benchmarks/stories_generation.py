@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Time one generation score (16 stories asked for a Twist, as Table 1's points), with or without the KV cache.
+
+``models.llama.generate`` keeps a KV cache while the sequence fits the context; with ``--no-cache`` a no-op hook on
+the residual stream forces the path every hooked model takes (each step reruns the whole context), so the two
+commands differ only in the cache. Time them as whole processes, A against B, e.g.
+
+    python benchmarks/stories_generation.py --run runs/stories/pretrain
+    python benchmarks/stories_generation.py --run runs/stories/pretrain --no-cache
+
+Prints one JSON line: seconds of the score alone, the score, and the mean story length in tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from wrapperlab.models.llama import LlamaConfig, LlamaTransformer
+from wrapperlab.tasks.stories import load_shards
+from wrapperlab.tasks.tokenizer import Tokenizer
+from wrapperlab.training import checkpoint as ck
+from wrapperlab.training.generation import GenerationSettings, generation_score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished story run (e.g. runs/stories/pretrain)")
+    p.add_argument("--no-cache", action="store_true", help="rerun the whole context every step")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    side = ck.read_sidecar(a.run)
+    m = side["config"]["model"]
+    tok = Tokenizer.load(f"{a.run}/tokenizer.model")
+    model = LlamaTransformer(LlamaConfig(vocab_size=tok.vocab_size, seq_len=m["seq_len"], d_model=m["d_model"],
+                                         n_layer=m["n_layer"], n_head=m["n_head"]))
+    _, t = ck.load_tensors(a.run, side)
+    model.load_state_dict(ck.split_prefix(t, "model"))
+    test = load_shards(side["config"]["data"])[0]
+    hooks = [("blocks.0.hook_resid_post", lambda x, hook: x)] if a.no_cache else []
+    t0 = time.perf_counter()
+    with model.hooks(hooks):
+        res = generation_score(model, tok, test, settings=GenerationSettings(n=a.n, max_new_tokens=a.max_new_tokens))
+    sec = time.perf_counter() - t0
+    print(json.dumps({"cache": not a.no_cache, "seconds": round(sec, 3), "score": res.meta["score"],
+                      "mean_new_tokens": sum(r["new_tokens"] for r in res.rows) / len(res.rows)}))
+
+
+if __name__ == "__main__":
+    main()
