@@ -8,7 +8,9 @@ commands differ only in the cache. Time them as whole processes, A against B, e.
     python benchmarks/stories_generation.py --run runs/stories/pretrain
     python benchmarks/stories_generation.py --run runs/stories/pretrain --no-cache
 
-Prints one JSON line: seconds of the score alone, the score, and the mean story length in tokens.
+Prints one JSON line: seconds of the score alone, the score, and the mean story length in tokens; with ``--judge``,
+how often a classifier judge agrees with the exact checker on these generations (a judge's accuracy on model-written
+text, not only on the dataset's stories).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from wrapperlab.tasks.stories import load_shards
 from wrapperlab.tasks.tokenizer import Tokenizer
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.generation import GenerationSettings, generation_score
+from wrapperlab.training.story_judge import load_judge
 
 
 def main() -> None:
@@ -33,6 +36,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", help="a judge saved by `wrapperlab stories judge`: also report how often it agrees "
+                                   "with the exact checker on these generations")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     side = ck.read_sidecar(a.run)
@@ -46,10 +52,17 @@ def main() -> None:
     hooks = [("blocks.0.hook_resid_post", lambda x, hook: x)] if a.no_cache else []
     t0 = time.perf_counter()
     with model.hooks(hooks):
-        res = generation_score(model, tok, test, settings=GenerationSettings(n=a.n, max_new_tokens=a.max_new_tokens))
+        res = generation_score(model, tok, test, settings=GenerationSettings(n=a.n, max_new_tokens=a.max_new_tokens,
+                                                                          seed=a.seed))
     sec = time.perf_counter() - t0
-    print(json.dumps({"cache": not a.no_cache, "seconds": round(sec, 3), "score": res.meta["score"],
-                      "mean_new_tokens": sum(r["new_tokens"] for r in res.rows) / len(res.rows)}))
+    out = {"cache": not a.no_cache, "seconds": round(sec, 3), "score": res.meta["score"],
+           "mean_new_tokens": sum(r["new_tokens"] for r in res.rows) / len(res.rows)}
+    if a.judge:
+        judge = load_judge(a.judge)
+        said = [("Twist" in judge(r["story"]), r["has_feature"]) for r in res.rows]
+        out |= {"judge_agrees": sum(j == e for j, e in said) / len(said), "judge_twist": sum(j for j, _ in said),
+                "exact_twist": sum(e for _, e in said)}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
