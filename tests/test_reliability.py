@@ -174,6 +174,31 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path, monkeypatch):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+def test_temporary_files_of_a_killed_writer_are_swept_on_the_next_run(tmp_path):
+    """SIGKILL mid-write leaves `.NAME.tmp-PID` (found by the kill campaign on a loaded machine): the next run of
+    that directory removes it when PID is dead, and never touches a live writer's file or the targets."""
+    from wrapperlab import fileio
+    from wrapperlab.training.config import build_config
+    from wrapperlab.training.stage import Stage, resolve
+
+    victim = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    victim.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("kept")
+    dead = run / f".metrics.jsonl.tmp-{victim.pid}"
+    live = run / f".notes.txt.tmp-{os.getpid()}"
+    dead.write_text("partial")
+    live.write_text("being written")
+    assert fileio.remove_stale_temps(run) == [dead]
+    assert sorted(p.name for p in run.iterdir()) == sorted([live.name, "notes.txt"])
+    cfg, _ = resolve(build_config("pretrain", "cpu", None, [*TINY, "steps=2", "eval.every=2"]))
+    dead.write_text("partial")
+    live.unlink()
+    Stage(cfg, None, run).run(progress=False)
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
 # ----------------------------------------------------------------------------- files are data
 class _Evil:
     def __reduce__(self):

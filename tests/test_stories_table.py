@@ -191,3 +191,20 @@ def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "j.json").write_text("{}")
     one_line_error(wl("stories", "table", "--judge", str(tmp_path / "j.json"), "--out", str(out)), "judge")
     assert not out.exists()
+
+
+def test_report_on_a_store_reads_the_story_runs_beside_it(protocol, tmp_path):
+    """`reproduce --stories` puts the protocol in STORE/stories; the store's report counts those runs."""
+    import shutil
+
+    from wrapperlab.experiments.store import Store
+
+    out, _ = protocol
+    store = tmp_path / "store"
+    Store(store)  # an empty store (no PCFG runs)
+    shutil.copytree(out, store / "stories", symlinks=True)
+    r = wl("report", str(store), "--out", str(tmp_path / "rep"), "--json")
+    assert r.returncode == 0, r.stderr
+    claims = {c["id"]: c for c in json.loads(r.stdout)["claims"]}
+    assert claims["tinystories"]["cases"] == 6 and claims["wrapper"]["status"] == "not measured"
+    one_line_error(wl("reproduce", "--preset", "paper", "--stories", "--out", str(tmp_path / "rp")), "--stories")

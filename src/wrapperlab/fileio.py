@@ -33,6 +33,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temporary files that a process killed mid-write left in ``directory`` (``.NAME.tmp-PID`` whose
+    PID is no longer running on this machine): SIGKILL gives ``atomic_write_bytes`` no chance to clean up, and
+    the target file itself was never touched. Returns what was removed."""
+    gone = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return gone
+    for p in directory.iterdir():
+        name, _, pid = p.name.rpartition(".tmp-")
+        if name.startswith(".") and pid.isdigit() and p.is_file() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -337,5 +337,8 @@ def _execute_analysis(p: dict) -> dict:
         from wrapperlab.analysis.attention import attention_signature
 
         res = attention_signature(run_dir, **s)
+    from wrapperlab.fileio import remove_stale_temps
+
+    remove_stale_temps(Path(p["result"]).parent)  # left by an analysis killed mid-write
     res.save(p["result"])
     return {"status": "done", "result": p["result"]}

@@ -245,13 +245,14 @@ class Stage:
     def run(self, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
         """Train to completion. The run directory is locked for the duration, so two processes handed the same
         run (two grids sharing a store) take turns: the second finds it done, or resumes what the first left."""
-        from wrapperlab.fileio import DirLock
+        from wrapperlab.fileio import DirLock, remove_stale_temps
 
         lock = DirLock(self.run_dir)
         if not lock.acquire(blocking=False):
             (log or (lambda s: None))(f"{self.run_dir}: another process is training this run; waiting for it")
             lock.acquire()
         try:
+            remove_stale_temps(self.run_dir)  # left by a process killed mid-write
             return self._run_locked(progress, log)
         finally:
             lock.release()

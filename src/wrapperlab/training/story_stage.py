@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from wrapperlab.fileio import remove_stale_temps
 from wrapperlab.models.llama import LlamaConfig, LlamaTransformer
 from wrapperlab.tasks.stories import (
     deletion_dataset,
@@ -187,6 +188,7 @@ class StoryStage:
         if side and side.get("status") == "done":
             return side
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.run_dir)  # left by a process killed mid-write
         tok = self.tokenizer()
         torch.manual_seed(c.seed)
         model = self.build_model(tok).to(dev)
