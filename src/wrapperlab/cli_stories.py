@@ -210,7 +210,7 @@ def table_cmd(
     judge: Path | None = typer.Option(None, help="a classifier saved by `stories judge` (needed for real "
                                                  "stories; default: the exact checker of procedural stories)"),
     workers: int = typer.Option(2, help="parallel processes per wave of independent runs (1 torch thread each "
-                                        "when > 1, which measured 1.17x the throughput of one 2-thread process)"),
+                                        "when > 1)"),
     threads: int = typer.Option(0, help="torch threads per process (0: torch's default)"),
     seed: int = typer.Option(0, help="training seed of every run"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
