@@ -223,18 +223,14 @@ def table_cmd(
     paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
     import dataclasses
 
-    from wrapperlab.cli_common import err
+    from wrapperlab.cli_common import err, user_errors
     from wrapperlab.experiments import stories_table as ST
-    from wrapperlab.tasks.stories import StoriesError
-    from wrapperlab.tasks.tokenizer import TokenizerError
-    from wrapperlab.training import checkpoint as ck
     from wrapperlab.training.config import ConfigError, parse_value
-    from wrapperlab.training.story_judge import JudgeError
 
     log = None if as_json else (lambda s: err.print(s, highlight=False, markup=False))
     if workers < 1:
         _fail(f"--workers: must be >= 1 (got {workers})")
-    try:
+    with user_errors():
         p = ST.preset(preset_name)
         changes: dict = {"model": dict(p.model), "etas": dict(p.etas)}
         for item in overrides or []:
@@ -250,8 +246,6 @@ def table_cmd(
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
         res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log, device)
-    except (ConfigError, StoriesError, TokenizerError, JudgeError, ck.CheckpointError) as e:
-        _fail(str(e))
     if as_json:
         print(json.dumps(res))
         return

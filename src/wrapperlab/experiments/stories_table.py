@@ -151,6 +151,14 @@ def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int
     return jobs
 
 
+def check_jobs(jobs: list[Job]) -> None:
+    """Validate every job's stage config (one-line ``ConfigError``); parents are checked when a job runs."""
+    from wrapperlab.training.story_stage import story_config
+
+    for j in jobs:
+        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+
+
 def _run_job(job: Job, out: str, threads: int, verbose: bool = False) -> dict:
     """Train one run (a finished one returns at once); runs in a worker process too. ``verbose``: print each
     evaluation to stderr, prefixed with the run's name (a long protocol shows progress)."""
@@ -183,10 +191,8 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
     """Train every job (reusing finished runs), wave by wave: a wave's jobs share one parent depth, and with
     ``workers`` > 1 run in that many processes (``threads`` each)."""
     from wrapperlab.training import checkpoint as ck
-    from wrapperlab.training.story_stage import story_config
 
-    for j in jobs:  # every config is valid before anything trains
-        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    check_jobs(jobs)  # every config is valid before anything trains
     verbose = log is not None
     log = log or (lambda s: None)
     done = []
@@ -371,13 +377,11 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
     every run, the probes, and the summary (also saved as ``OUT/stories_table.json``)."""
     from wrapperlab.training.config import ConfigError
     from wrapperlab.training.story_judge import load_judge
-    from wrapperlab.training.story_stage import story_config
 
     check_preset(p)
     out = Path(out)
     say = log or (lambda s: None)
-    for j in plan(p, "unchecked", None, seed, device):  # every config is valid before anything is written
-        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+    check_jobs(plan(p, "unchecked", None, seed, device))  # every config is valid before anything is written
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
