@@ -547,6 +547,11 @@ def test_hooked_generation_reruns_the_whole_context_and_stop_token_ends_early():
     stop = int(full[0, 4])  # row 0's first draw: row 0 stops at once, row 1 at its first draw of that token
     early = generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3), stop_token=stop)
     assert early.shape == full.shape
+    alone = generate(model, prompt[:1], 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    first = int(alone[0, 4])  # one row stopping at its first draw: one step taken, the rest filled
+    one = generate(model, prompt[:1], 12, temperature=1.0, generator=torch.Generator().manual_seed(3),
+                   stop_token=first)
+    assert one.shape == (1, 16) and torch.equal(one[0, :5], alone[0, :5]) and bool((one[0, 5:] == first).all())
     cuts = [row.index(stop) + 1 if stop in row else 12 for row in full[:, 4:].tolist()]
     k = max(cuts)  # the batch stops once its last row has drawn the stop token: until then, the same draws
     assert torch.equal(early[:, :4 + k], full[:, :4 + k]) and bool((early[:, 4 + k:] == stop).all())

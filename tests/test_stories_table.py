@@ -191,6 +191,8 @@ def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "j.json").write_text("{}")
     one_line_error(wl("stories", "table", "--judge", str(tmp_path / "j.json"), "--out", str(out)), "judge")
     assert not out.exists()
+    one_line_error(wl("stories", "probe", str(tmp_path / "nothing")), "nothing")
+    one_line_error(wl("stories", "probe", str(tmp_path), "--iters", "0"), "--iters")
 
 
 def test_report_on_a_store_reads_the_story_runs_beside_it(protocol, tmp_path):
