@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Can a small llama2.c-style model learn the procedural Twist feature on this CPU, and how fast? (issue 6)
+"""Can a small llama2.c-style model learn the procedural Twist feature on this CPU, and how fast?
 
 The measurement behind the TinyStories cpu preset, before the preset exists: procedural stories -> the paper's
 SentencePiece BPE -> a small ``LlamaTransformer`` trained with the LM loss on random windows of the token stream

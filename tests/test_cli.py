@@ -25,9 +25,9 @@ def test_data_sample_json_fields():
         for key in ("family", "operand", "o2", "source", "text", "answer", "spurious", "tokens"):
             assert key in rec
         assert rec["family"] == "count" and rec["operand"] == "a" and rec["o2"] == 40 and rec["spurious"] is True
-        # the answer is the count of 'a' in the last O' tokens of the text (paper.md §2.3), recomputed here
+        # the answer is the count of 'a' in the last O' tokens of the text (paper App. B.2), recomputed here
         assert rec["answer"] == rec["text"][-40:].count("a")
-        # r(x, b) - r(x, a) = 1 on an edited sample (paper.md §2.5, q = 1)
+        # r(x, b) - r(x, a) = 1 on an edited sample (paper §5, q = 1)
         assert rec["text"][-40:].count("b") - rec["text"][-40:].count("a") == 1
         toks = [t for t in rec["tokens"] if t != "#"]
         assert toks[:5] == ["$", "(", "a", "40", "<"] and toks[-4:] == [">", "=", str(rec["answer"]), "$"]
@@ -124,7 +124,7 @@ def test_pipeline_pretrain_finetune_reft_evaluate(pretrained, tmp_path):
     r = wl("evaluate", "--table", "--runs", str(tmp_path), "--json")
     rows = json.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["eta"] == "M" and rows[0]["prior"] == "low" and rows[0]["c_train"] == 1.0
-    # the paper's cell for (eta_M = 1e-5, P(a) = 0.999, C_Tr = 1), Table 5 in paper.md §5.5
+    # the paper's cell for (eta_M = 1e-5, P(a) = 0.999, C_Tr = 1), the paper's Table 5
     assert rows[0]["paper"]["lr"] == 1e-5 and rows[0]["paper"]["o_ft"]["c1@10K"] == 100.0
     assert rows[0]["paper"]["o_pt"]["c0@1K"] == 0.4
 
@@ -183,12 +183,12 @@ def test_sampling_benchmark_prints_json_and_sampling_outpaces_training():
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["window"] == 64 and rep["seq_len"] == 73
-    # issue 2: sampling must never be what training waits on (>= 10x is issue 7's target)
+    # sampling must never be what training waits on (>= 10x is the target in docs/speed.md)
     assert rep["ratio_mix"] > 10 and rep["ratio_finetune"] > 10
 
 
 def test_paper_preset_runs_at_paper_shapes(tmp_path):
-    """The paper preset builds the paper's model (paper.md §2.6) and trains; a couple of tiny-batch steps."""
+    """The paper preset builds the paper's model (paper App. C.2) and trains; a couple of tiny-batch steps."""
     out = tmp_path / "paper"
     r = wl("pretrain", "--preset", "paper", "steps=2", "batch_size=2", "eval.n=4", "eval.every=2", "threads=1",
            "--out", str(out), "--json", "--no-progress")

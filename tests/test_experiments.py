@@ -1,4 +1,4 @@
-"""Experiments as data (issue 5): spec -> plan -> executors -> store, and the CLI commands around them."""
+"""Experiments as data: spec -> plan -> executors -> store, and the CLI commands around them."""
 
 import itertools
 import json

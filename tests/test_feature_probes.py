@@ -1,4 +1,4 @@
-"""Multi-label feature probes (paper.md §6.4): known answers on planted features."""
+"""Multi-label feature probes (paper App. F.2): known answers on planted features."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The llama2.c-style decoder (paper.md §6.2) and its hook points.
+"""The llama2.c-style decoder (paper App. F.1) and its hook points.
 
 Expected values come from `reference_forward` below — a from-scratch forward pass in plain torch ops that reads the
 model's state dict but none of its code, with RoPE in the complex-number form of Meta's / llama2.c's
@@ -239,11 +239,11 @@ def test_head_is_tied_to_the_embedding():
 def test_paper_model_size_and_hidden_dim():
     cfg = LlamaConfig(vocab_size=8192, seq_len=1024, d_model=768, n_layer=12, n_head=12)
     assert cfg == LlamaConfig()  # the defaults are the paper's model
-    assert cfg.mlp_dim == 2048  # paper.md: int(2*4*768/3) = 2048, a multiple of 64
+    assert cfg.mlp_dim == 2048  # llama2.c's rule: int(2*4*768/3) = 2048, a multiple of 64
     with torch.device("meta"):
         model = LlamaTransformer(cfg)
     n = model.n_params()
-    assert abs(n - 91.2e6) / 91.2e6 < 0.01  # paper: 91M; paper.md: 12 x 7.08M + 6.29M = 91.2M
+    assert abs(n - 91.2e6) / 91.2e6 < 0.01  # paper: 91M; from the shapes: 12 x 7.08M + 6.29M = 91.2M
     assert n == 12 * (4 * 768**2 + 3 * 768 * 2048 + 2 * 768) + 8192 * 768 + 768
     # llama2.c's published TinyStories models (multiple_of = 32): stories15M d=288 -> 768, stories42M d=512 -> 1376
     assert LlamaConfig(d_model=288, n_head=6, multiple_of=32).mlp_dim == 768

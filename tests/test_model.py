@@ -30,7 +30,7 @@ VARIANTS = {
 
 
 def expected_hook_names(n_layer: int) -> set[str]:
-    """The hook names listed in the module docstring / design.md."""
+    """The hook names listed in the module docstring."""
     per_block = ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern",
                  "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
                  "hook_mlp_out", "hook_resid_post"]

@@ -1,4 +1,4 @@
-"""The claims table and the HTML report (issue 5 item 4).
+"""The claims table and the HTML report.
 
 The claim rules are checked on hand-built evidence whose expected statuses follow from each rule's definition;
 the end-to-end tests run a real (tiny) grid, edit a stored result and see the status move, and load the report in

@@ -1,7 +1,8 @@
-"""Tests of the TinyStories data layer (wrapperlab.tasks.stories; paper.md §6.1, §6.3).
+"""Tests of the TinyStories data layer (wrapperlab.tasks.stories; paper App. B.3, F.1).
 
 Expected values come from outside the code under test: shards written by hand in the authors' JSON format with
-chosen features, and the expected output of every transform and split worked out by hand from paper.md §6.1/§6.3;
+chosen features, and the expected output of every transform and split worked out by hand from the paper (App. B.3,
+F.1) and the authors' code;
 sentence candidates listed by hand; the generator's per-feature base rate computed analytically from the binomial
 law; hand-written stories for the feature checker.
 """

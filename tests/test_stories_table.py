@@ -1,4 +1,4 @@
-"""`wrapperlab stories table | probe | judge`, the story judge and the TinyStories claims (issue 6), run as a user
+"""`wrapperlab stories table | probe | judge`, the story judge and the TinyStories claims, run as a user
 runs them (subprocess, real files) at a tiny scale."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Story token streams, left padding and the generation score (paper.md §6.1, §6.4)."""
+"""Story token streams, left padding and the generation score (paper App. F.2 and the authors' code)."""
 
 import numpy as np
 import pytest

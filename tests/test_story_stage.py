@@ -1,4 +1,4 @@
-"""The TinyStories stages (paper.md §6.2–6.3): pretrain / delete / recover, checkpoints, exact resume."""
+"""The TinyStories stages (paper App. F.1): pretrain / delete / recover, checkpoints, exact resume."""
 
 import numpy as np
 import pytest

@@ -2,12 +2,12 @@
 
 Every expected value comes from outside the code under test:
 
-- the grammar rules are retyped from paper.md §2.1 and parsed with nltk (membership) or expanded exactly with
+- the grammar rules are retyped from the paper's Fig. 14 and parsed with nltk (membership) or expanded exactly with
   plain-Python generating functions (length distribution, terminal frequencies);
 - the five task families are re-implemented as plain loops from the definitions in families.py's docstring and
   evaluated both on ``batch.text`` and on the decoded token sequence;
 - the spurious edit is checked against the unedited window recovered from ``batch.source``;
-- priors and the sequence spellings come from paper.md §2.2 and §2.4.
+- priors and the sequence spellings come from the paper's App. C.2 and Fig. 15 (App. B.2).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from wrapperlab.tasks import PAPER_GRAMMAR, PCFGSampler, PCFGTask, TaskConfig, r
 # Independent references
 # ------------------------------------------------------------------------------------------------------------
 
-# paper.md §2.1, retyped one rule per line (not taken from the package's grammar text).
+# paper Fig. 14 (App. B.2), retyped one rule per line (not taken from the package's grammar text).
 PAPER_RULES = """
 s -> r q | q p
 p -> m n o | n o m
@@ -51,9 +51,9 @@ f -> c b a | b a
 TERMINALS = "abc"
 NO_TOKEN = None  # a window position left empty by a string shorter than the window
 
-# Sequence spellings from paper.md §2.2 (Fig. 15), plus the package's documented EOT ">" and NULL "_".
+# Sequence spellings from the paper's Fig. 15 (App. B.2), plus the package's documented EOT ">" and NULL "_".
 PAD, SOS, SOT, EOT, ART, NULL = "#", "$", "<", ">", "=", "_"
-FAMILY_TOKEN_COUNT = "("  # paper.md §2.2: "( is the counting task-family token"
+FAMILY_TOKEN_COUNT = "("  # paper Fig. 15: "(" is the counting task-family token
 SPECIAL_LEN = 9  # SOS T O O' SOT ... EOT ART Ans EOS
 
 
@@ -94,7 +94,7 @@ def convolve(p: dict[int, float], q: dict[int, float]) -> dict[int, float]:
 
 @cache
 def length_distribution(symbol: str = "s") -> dict[int, float]:
-    """Exact P(len = L) of strings derived from ``symbol`` (each rule taken with p = 0.5, paper.md §2.1)."""
+    """Exact P(len = L) of strings derived from ``symbol`` (each rule taken with p = 0.5, paper App. B.2)."""
     if symbol not in RULES:
         return {1: 1.0}
     alts = RULES[symbol]
@@ -272,7 +272,7 @@ def test_length_support_matches_paper_and_exact_distribution(many_strings):
     _, lengths = many_strings
     exact = length_distribution()
     assert abs(sum(exact.values()) - 1) < 1e-9
-    # paper.md §2.1 (inferred note) saw lengths 161-384 in simulation: the exact mass outside is negligible
+    # a simulation of the paper's grammar saw lengths 161-384: the exact mass outside is negligible
     assert sum(p for length, p in exact.items() if not 161 <= length <= 384) < 1e-4
     assert set(lengths.tolist()) <= set(exact)
     assert lengths.min() < 200 and lengths.max() > 340  # both tails are reached
@@ -285,10 +285,10 @@ def test_length_statistics_match_exact_distribution(many_strings):
     mean = sum(length * p for length, p in exact.items())
     var = sum((length - mean) ** 2 * p for length, p in exact.items())
     assert abs(lengths.mean() - mean) <= 4 * math.sqrt(var / n)
-    assert 265 < mean < 285  # paper.md §2.1: mean ≈ 275
+    assert 265 < mean < 285  # a simulation of the grammar: mean ≈ 275
 
     p_short = sum(p for length, p in exact.items() if length < 250)
-    assert abs(p_short - 0.24) < 0.02  # paper.md §2.1: ≈24 % shorter than 250
+    assert abs(p_short - 0.24) < 0.02  # a simulation of the grammar: ≈24 % shorter than 250
     assert within_sigmas((lengths < 250).mean(), p_short, n, 4)
 
     # chi-square of binned lengths against the exact distribution (bins of 10 symbols, tails merged)
@@ -308,7 +308,7 @@ def test_terminal_frequencies_are_about_one_third(many_strings):
     flat, lengths = many_strings
     counts = np.bincount(flat, minlength=3)
     expected = np.array(expected_terminal_counts()) / sum(expected_terminal_counts())
-    assert np.allclose(expected, 1 / 3, atol=0.02)  # paper.md §2.1: each terminal ≈ 1/3
+    assert np.allclose(expected, 1 / 3, atol=0.02)  # a simulation of the grammar: each terminal ≈ 1/3
     assert np.allclose(counts / counts.sum(), expected, atol=0.005)
     assert counts.sum() == lengths.sum()
 
@@ -430,7 +430,7 @@ def test_window_is_contiguous_substring_of_source(window):
 
 
 def test_window_start_is_uniform_over_long_strings():
-    """paper.md §2.1: a window is subsampled at random, so each of the m = len - W + 1 starts has p = 1/m."""
+    """paper App. B.2: a window is subsampled at random, so each of the m = len - W + 1 starts has p = 1/m."""
     window = 250
     task = make_task(window)
     batch = task.sample(3000, np.random.default_rng(31), family="count", operand="a", keep_source=True)
@@ -479,7 +479,7 @@ def test_reject_mode_keeps_only_strings_that_fill_the_window():
 # 4. Spurious correlation r(x, O_FT) - r(x, O_PT) = q
 # ------------------------------------------------------------------------------------------------------------
 
-O_PT, O_FT = 0, 1  # a, b: the package defaults (paper.md §2.5)
+O_PT, O_FT = 0, 1  # a, b: the package defaults (paper §5)
 
 
 def roles(o_pt: str, o_ft: str) -> tuple[int, int, int]:
@@ -582,7 +582,7 @@ def majority_share(labels: list[int]) -> float:
 
 
 def test_label_histogram_barely_moves_under_full_correlation():
-    """paper.md §2.5 / Fig. 16: the O_PT label histogram at c = 1 looks like the c = 0 one."""
+    """paper App. B.2, Fig. 16: the O_PT label histogram at c = 1 looks like the c = 0 one."""
     task = make_task()
     shares = {}
     for c in (0.0, 1.0):
@@ -607,7 +607,7 @@ def test_spurious_rate_is_validated():
 # 5. Operand priors and the family mix
 # ------------------------------------------------------------------------------------------------------------
 
-# paper.md §2.4
+# paper §5, App. C.2
 PAPER_PRIORS = {"low": (0.999, 0.001, 0.0), "medium": (0.9, 0.1, 0.0), "high": (0.5, 0.3, 0.2)}
 
 

@@ -1,4 +1,4 @@
-"""The TinyStories tokenizer (paper.md §6.1): the paper's SentencePiece settings, exact round trips, stream layout."""
+"""The TinyStories tokenizer (paper App. F.1): the paper's SentencePiece settings, exact round trips, stream layout."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tracr port, tasks and CLI (issue 4). Tests marked ``needs_tracr`` compare against tracr's own JAX model and run
+"""Tracr port, tasks and CLI. Tests marked ``needs_tracr`` compare against tracr's own JAX model and run
 whenever the extra is installed (CI installs it); the rest use the shipped compiled models and need no JAX."""
 
 import json
@@ -104,7 +104,7 @@ def test_balance_keeps_the_function():
 
 
 def test_counter_block1_head_attends_to_a_at_the_readout():
-    """paper.md §3.3: the compiled Counter's block-1 head: the second token (RASP index 1) attends to the a's."""
+    """paper App. G, Fig. 40: compiled Counter's block-1 head: the second token (RASP index 1) attends to the a's."""
     task = TracrTask(TracrTaskConfig(program="counter"))
     b = task.sample(200, np.random.default_rng(0), operand="a")
     res = attention(task.compiled.build(), b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
@@ -174,7 +174,7 @@ def test_cli_finetune_and_table_reuse(tmp_path):
     r1 = wl(*args)
     assert r1.returncode == 0, r1.stderr
     rows = json.loads(r1.stdout)["rows"]
-    assert [(r["c_test"], r["paper_oft"]) for r in rows] == [(1.0, 90.2), (0.0, 88.6)]  # paper.md §5.2
+    assert [(r["c_test"], r["paper_oft"]) for r in rows] == [(1.0, 90.2), (0.0, 88.6)]  # paper Table 3
     r2 = wl(*args)
     assert "0 to train" in r2.stderr and json.loads(r2.stdout)["rows"] == rows
     assert Path(rows[0]["run_dir"]).is_dir()

@@ -31,7 +31,7 @@ def test_lr_schedule_matches_formula():
 
 
 def test_paper_preset_is_the_paper():
-    """paper.md §2.6–2.7, checked field by field."""
+    """paper App. C.2, checked field by field."""
     raw = build_config("pretrain", "paper")
     cfg, _ = resolve(raw)
     assert (cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head) == (192, 6, 6)
@@ -99,7 +99,7 @@ def test_stage_rules(pretrained, tmp_path):
     cfg, parent = make("finetune", "steps=4", "eval.every=4", "lr=1e-4", parent=pretrained)
     Stage(cfg, parent, ft_dir).run(progress=False)
     with pytest.raises(ConfigError, match="smaller"):
-        make("reft", "steps=4", "lr=1e-4", parent=ft_dir)  # paper.md §2.7: reFT LR < FT LR
+        make("reft", "steps=4", "lr=1e-4", parent=ft_dir)  # paper App. D: reFT LR < FT LR
     cfg, _ = make("reft", "steps=4", "lr=1e-5", parent=ft_dir)
     assert cfg.train.operand == "a"
 

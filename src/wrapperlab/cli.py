@@ -34,7 +34,7 @@ register_bench(app)
 
 
 STAGE_HELP = {
-    "pretrain": "Pretrain from scratch on the PCFG family mix and operand prior (paper.md §2.4, §2.7).",
+    "pretrain": "Pretrain from scratch on the PCFG family mix and operand prior (paper §4, App. C.2).",
     "finetune": "Fine-tune a pretrained run on one (family, O_FT) pair with spurious rate c_train "
                 "(needs parent=RUN_DIR).",
     "reft": "Reverse fine-tune: train a fine-tuned run back on the pretraining task (family, O_PT) at a smaller "

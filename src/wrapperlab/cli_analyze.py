@@ -1,5 +1,5 @@
 """``wrapperlab analyze probe | prune | attention | revival | verdict RUN``: the mechanistic toolkit
-(paper.md §4) on a run directory. Each command writes its table (JSON) and figure(s) (PNG) to ``--out``
+(paper App. D) on a run directory. Each command writes its table (JSON) and figure(s) (PNG) to ``--out``
 (default ``RUN/analysis``) and prints the table, or one JSON object with ``--json``."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from wrapperlab.cli_common import _fail, err, out, print_rows, user_errors
 
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Tell a wrapper from a deletion: probes, pruning, attention maps, revival by reverse "
-                               "fine-tuning, and a verdict combining them (paper.md §4).")
+                               "fine-tuning, and a verdict combining them (paper App. D).")
 
 RUN_ARG = typer.Argument(..., help="run directory (a finished wrapperlab run)", show_default=False)
 OUT_OPT = typer.Option(None, "--out", help="where the table and figures go (default RUN/analysis)")

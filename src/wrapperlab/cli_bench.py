@@ -1,4 +1,4 @@
-"""``wrapperlab bench``: the speed benchmarks (issue 7), each a ratio against a baseline timed in the same run."""
+"""``wrapperlab bench``: the speed benchmarks (docs/speed.md), each a ratio against a baseline timed in the same run."""
 
 from __future__ import annotations
 

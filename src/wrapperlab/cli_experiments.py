@@ -1,5 +1,5 @@
 """``wrapperlab run | runs | report | reproduce``: experiments as data, the store, the HTML report, and the
-one command that turns the paper into evidence (issue 5)."""
+one command that turns the paper into evidence."""
 
 from __future__ import annotations
 
@@ -195,9 +195,9 @@ def print_claims(claims: list[dict]) -> None:
 
 
 def reproduce_cmd(
-    preset: str = typer.Option("quick", help="quick (core claims, ~15 min on 2 cores), full (the whole grid of "
-                                             "paper.md §8 at CPU scale; hours, resumable), paper (the paper's scale, "
-                                             "for --device cuda)"),
+    preset: str = typer.Option("quick", help="quick (core claims, ~15 min on 2 cores), full (the paper's PCFG and "
+                                             "Tracr grid at CPU scale, docs/experiments.md; hours, resumable), "
+                                             "paper (the paper's scale, for --device cuda)"),
     out_dir: Path = typer.Option(Path("runs/reproduce"), "--out", help="where runs, the store and the report go"),
     workers: int = WORKERS_OPT,
     threads: int = THREADS_OPT,

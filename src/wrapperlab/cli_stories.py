@@ -1,7 +1,7 @@
-"""``wrapperlab stories ...``: the TinyStories check (paper.md §6; issue 6; docs/stories.md).
+"""``wrapperlab stories ...``: the TinyStories check (paper §5.2, App. F; docs/stories.md).
 
 ``generate`` (procedural TinyStories-Instruct shards in the authors' JSON format), ``inspect`` (load shards, real or
-procedural, and report the splits and the deletion datasets of §6.3), the stages ``pretrain`` (``--control``: without
+procedural, and report the splits and the deletion datasets of App. F.1), stages ``pretrain`` (``--control``: without
 the feature), ``delete`` and ``recover``, ``probe`` (Fig. 11a's per-block feature probes on any story run), ``judge``
 (the classifier that judges generations from real stories) and ``table`` (the whole protocol, with the Table 1 and
 Fig. 11a analogs beside the paper's; presets cpu and paper)."""
@@ -16,7 +16,7 @@ import typer
 from wrapperlab.cli_common import _fail, print_rows
 
 stories_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                          help="TinyStories check (paper.md §6): does fine-tuning delete a story feature (Twist) or "
+                          help="TinyStories check (paper App. F): does fine-tuning delete a story feature (Twist) or "
                                "only wrap it? `stories table` runs the whole protocol (pretrain, control, deletion "
                                "by F / F+R / F+MM at two LRs, reFT, probes) and prints the Table 1 and Fig. 11a "
                                "analogs beside the paper's; the other commands are its steps. docs/stories.md.")
@@ -68,7 +68,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ) -> None:
     """Load shards (real TinyStories-Instruct or procedural), then report the splits (shard 0 test, 80/20 of the
-    rest) and the size of each dataset of §6.3: all, F, F+R, F+MM and the recovery set, on the fine-tuning split."""
+    rest) and the size of each dataset of App. F.1: all, F, F+R, F+MM and the recovery set, on the fine-tuning split."""
     import numpy as np
 
     from wrapperlab.tasks.stories import (
@@ -156,7 +156,7 @@ def pretrain_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
     progress: bool = typer.Option(True, help="print each evaluation"),
 ) -> None:
-    """Pretrain the llama2.c-style model on the pretraining split (LM loss, warmup + cosine; §6.2), evaluating the
+    """Pretrain the llama2.c-style model on the pretraining split (LM loss, warmup + cosine; App. F.1), evaluating the
     held-out loss on feature stories and the generation score. Rerunning resumes an interrupted run exactly."""
     _run_stage("pretrain", {"data": str(data), "dataset": "filter" if control else "all"}, overrides, out_dir,
                as_json, progress)
@@ -166,12 +166,12 @@ def pretrain_cmd(
 def delete_cmd(
     overrides: list[str] | None = OVERRIDES_ARG,
     parent: Path = typer.Option(..., help="a finished `stories pretrain` run"),
-    kind: str = typer.Option("F", help="F (filtering), F+R (+ randomisation) or F+MM (+ mix & match) (§6.3)"),
+    kind: str = typer.Option("F", help="F (filtering), F+R (+ randomisation) or F+MM (+ mix & match) (App. F.1)"),
     out_dir: Path = typer.Option(..., "--out", help="run directory"),
     as_json: bool = typer.Option(False, "--json"),
     progress: bool = typer.Option(True, help="print each evaluation"),
 ) -> None:
-    """Deletion fine-tuning on the fine-tuning split transformed by KIND, at a constant LR (§6.3)."""
+    """Deletion fine-tuning on the fine-tuning split transformed by KIND, at a constant LR (App. F.1)."""
     _run_stage("delete", {"parent": str(parent), "dataset": kind, "lr": 1e-4}, overrides, out_dir, as_json,
                progress)
 
@@ -184,7 +184,7 @@ def recover_cmd(
     as_json: bool = typer.Option(False, "--json"),
     progress: bool = typer.Option(True, help="print each evaluation"),
 ) -> None:
-    """Reverse fine-tuning on the recovery set (stories with the feature), constant LR (§6.3; paper: 1e-5)."""
+    """Reverse fine-tuning on the recovery set (stories with the feature), constant LR (App. F.1; paper: 1e-5)."""
     _run_stage("recover", {"parent": str(parent), "dataset": "recovery", "lr": 1e-5}, overrides, out_dir, as_json,
                progress)
 
@@ -204,7 +204,7 @@ def table_cmd(
         f"key=value changes to the preset: {TABLE_OVERRIDES}")),
     out_dir: Path = typer.Option(Path("runs/stories"), "--out", help="where the protocol's runs go (reused on rerun)"),
     preset_name: str = typer.Option("cpu", "--preset", help="cpu (≤ 30 min here, procedural stories) or paper "
-                                                           "(§6's 91M model: real shards, a judge and a GPU)"),
+                                                           "(the paper's 91M model: real shards, a judge and a GPU)"),
     data: Path | None = typer.Option(None, help="shards to use (default for cpu: procedural ones generated into "
                                                 "OUT/shards; required for paper)"),
     judge: Path | None = typer.Option(None, help="a classifier saved by `stories judge` (needed for real "
@@ -217,7 +217,7 @@ def table_cmd(
     probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ) -> None:
-    """The whole §6 protocol: pretrain (with Twist) and the not-in-pretraining control, delete Twist by F / F+R /
+    """The whole protocol of App. F: pretrain (with Twist) and the not-in-pretraining control, delete Twist by F / F+R /
     F+MM at η_M and η_S, reverse fine-tune every deleted model and the control on Twist stories, probe every block
     for Twist; print the Table 1 analog (Twist rate at the reFT columns) and the Fig. 11a analog beside the
     paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
@@ -282,7 +282,7 @@ def probe_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Per-block linear probes for the six story features on the mean of the last 10 positions (§6.4, Fig. 11a);
+    """Per-block linear probes for the six story features on the mean of the last 10 positions (App. F.2, Fig. 11a);
     writes RUN/analysis/feature_probe.json for each run and prints accuracy beside the base rate."""
     from wrapperlab.analysis.common import AnalysisError
     from wrapperlab.experiments.stories_table import probe_story_run

@@ -1,4 +1,4 @@
-"""``wrapperlab tracr compile | check | finetune | table``: Tracr-compiled capabilities (paper.md §3).
+"""``wrapperlab tracr compile | check | finetune | table``: Tracr-compiled capabilities (paper App. B.1, C.1).
 
 ``compile`` and ``check`` need the optional extra (``pip install 'wrapperlab[tracr]'``: JAX is used only to
 compile and as the reference in ``check``); ``finetune`` and ``table`` use the shipped compiled models and need
@@ -14,7 +14,7 @@ import typer
 from wrapperlab.cli_common import _fail, err, print_rows
 
 tracr_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        help="Tracr-compiled programs (paper.md §3): compile RASP to wrapperlab models, check the port "
+                        help="Tracr programs (paper App. B.1): compile RASP to wrapperlab models, check the port "
                              "against tracr's own JAX model, fine-tune, and print the Table 3 analog.")
 
 
@@ -108,7 +108,7 @@ def finetune_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the final summary as one JSON object"),
     progress: bool = typer.Option(True, help="show a progress bar with ETA"),
 ) -> None:
-    """Fine-tune a compiled program (paper.md §3.2): noise, SGD with momentum, warmup + cosine, c_train."""
+    """Fine-tune a compiled program (paper App. C.1): noise, SGD with momentum, warmup + cosine, c_train."""
     from wrapperlab.cli_train import _train
 
     if not preset.startswith("tracr-"):

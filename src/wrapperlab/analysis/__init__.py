@@ -1,5 +1,5 @@
-"""Analysis: behavioural evaluation of runs and the Table-5-shaped grid (probing, pruning, attention and
-revival arrive with issue 3)."""
+"""Analysis: behavioural evaluation of runs and the Table-5-shaped grid, probing, pruning, attention maps,
+revival by reverse fine-tuning, TinyStories feature probes and the verdict, one module each."""
 
 from wrapperlab.analysis.evaluate import evaluate_run, load_run, table_grid
 

@@ -1,4 +1,4 @@
-"""Attention maps per layer and head (paper.md §4.3; Fig. 10 and App. D).
+"""Attention maps per layer and head (paper App. D; Fig. 10).
 
 ``attention(model, tokens)`` reads ``blocks.{l}.attn.hook_pattern`` for one example or a batch. A batch is
 averaged position by position (sequences are left-padded, so positions count back from the answer and the
@@ -77,7 +77,7 @@ def mass_on(result: Result, layer: int, head: int, token: str) -> float:
 
 
 def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
-    """The attention facts of paper.md §3.3 for one fine-tuned run, on n natural O_PT inputs.
+    """The attention facts of the paper's §5 (Fig. 10) and App. G for one fine-tuned run, on n natural O_PT inputs.
 
     Counter: the attention mass the block-1 head puts, from the readout query, on tokens `a` and `b`
     (compiled: all of it on `a`). Max-identifier: how intact the block-0 sorting head is — 1 minus the mean

@@ -1,6 +1,6 @@
 """What every analysis tool shares: the subject it analyses, the tidy result it returns, and run lineage.
 
-Every tool has the same shape (design.md "Analysis"): ``tool(model, task, *, <settings>) -> Result`` for the
+Every tool has the same shape: ``tool(model, task, *, <settings>) -> Result`` for the
 tools that only read a model (probe, prune, attention), and ``tool(run_dir, *, <settings>) -> Result`` for the
 ones that need a run's history (revival, verdict). A ``Result`` is a tidy table (``rows``: a list of flat dicts,
 one observation each), named side tables (``tables``), the settings and provenance (``meta``), and arrays too big

@@ -1,6 +1,6 @@
 """Evaluate a run's checkpoint, and assemble fine-tuning runs into the paper's Table 5/7 layout.
 
-paper.md §5.5: for each (eta, prior, c_train), accuracy on O_PT and O_FT at c_test = 0 and 1, after 1K and 10K
+Tables 5–8 of the paper: per (eta, prior, c_train), accuracy on O_PT and O_FT at c_test = 0 and 1, after 1K and 10K
 fine-tuning steps. Our runs are shorter, so "1K" and "10K" are read at 10 % and 100 % of the run's steps (the
 same fractions of the paper's 10K-step runs); the column headers say so.
 """

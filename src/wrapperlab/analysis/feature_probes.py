@@ -1,4 +1,4 @@
-"""Per-block multi-label feature probes (paper.md §6.4, the TinyStories probes of Fig. 11a; issue 6).
+"""Per-block multi-label feature probes (paper App. F.2, the TinyStories probes of Fig. 11a).
 
 As the authors' code: one bias-free linear map ``d_model -> n_features`` per probed block, on the **mean of the
 residual stream over the last 10 token positions**, trained with multi-label BCE-with-logits (an independent binary

@@ -1,11 +1,11 @@
-"""Linear probes on the residual stream (paper.md §4.2; the paper's Read_l, Definition 1).
+"""Linear probes on the residual stream (paper App. D; the paper's Read_l, Definition 1 in §3).
 
 What is probed. One linear probe per block output ``blocks.{l}.hook_resid_post`` plus the embedding output
 (``blocks.0.hook_resid_pre``), labelled B0 (embedding) … B{L} (block L-1's output) as in the paper's plots
 (B0–B6 for the 6-block model). The input is the residual stream at the ART position, the position whose output
 predicts the answer token. The paper says "the residual stream corresponding to the answer token (Ans)"; at the
 Ans position itself the answer is already in the input embedding, so a probe there would read the label, not the
-model — we take the position that *predicts* Ans (a documented choice, paper.md §7 item 7). Targets: the answer
+model — we take the position that *predicts* Ans (a documented choice, docs/analysis.md). Targets: the answer
 token for the task asked with operand O_PT and with O_FT (the prompt names the operand being probed), drawn at
 ``c_test`` (default 0, as Fig. 8). The probe's output dimension is the vocabulary size, as in the paper.
 

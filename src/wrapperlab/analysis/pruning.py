@@ -1,4 +1,4 @@
-"""Single-step saliency pruning (paper.md §4.1, Alg. 3; Figs. 7, 55–59, 79–89).
+"""Single-step saliency pruning (paper App. D, Alg. 3; Figs. 7, 55–59, 79–89).
 
 Objective: the pretraining-task loss — cross-entropy of the answer for the task asked with O_PT (strings from
 the generating process, c_test = 0), averaged over ``n_grad`` samples (not given by the paper).
@@ -10,7 +10,7 @@ Units:
 - ``neuron`` (PCFG, paper: "a neuron is a row in the weight matrix"): one output unit of a linear map, i.e. one
   row of a PyTorch ``Linear.weight`` (shape out × in) together with that output's bias entry. Its score is the
   sum of grad·w over the row plus grad·b of the bias (the first-order loss change of removing the whole unit;
-  the paper's aggregation is inferred, paper.md §7 item 8). Pruning zeroes the row and the bias entry.
+  the paper does not state the aggregation; see docs/analysis.md). Pruning zeroes the row and the bias entry.
   Candidate matrices (the paper does not say; we take every linear map inside the blocks):
   ``attn.qkv`` (a row = one query/key/value dimension of one head), ``attn.proj`` (a row = one residual
   dimension written by attention), ``mlp.fc`` (a row = one MLP hidden neuron), ``mlp.proj`` (a row = one
@@ -18,7 +18,7 @@ Units:
   unembedding is one output class: removing it cannot revive a capability, only forbid an answer).
 - ``weight`` (Tracr, Figs. 55, 57): every single entry of the candidate matrices and their biases.
 
-K is a global top-K over all candidates (inferred, paper.md §4.1). The ranking is computed once, on the
+K is a global top-K over all candidates (inferred, the paper does not say). The ranking is computed once, on the
 unpruned model (single-step), so the pruned sets for increasing K are nested. For each K we report the accuracy
 on O_PT and O_FT at every c_test, and the predicted-class histogram on the O_PT set (Fig. 59): an accuracy gain
 that is only a collapse onto one class shows up there, and cannot exceed the set's majority rate.

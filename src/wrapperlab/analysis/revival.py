@@ -1,4 +1,4 @@
-"""Revival by reverse fine-tuning, against the Scr.+FT and Scr. baselines (paper.md §4.4, §2.7; Fig. 9, 26).
+"""Revival by reverse fine-tuning, against the Scr.+FT and Scr. baselines (paper §5, App. D; Figs. 9, 26).
 
 For a fine-tuned run this trains, through ``wrapperlab.training`` (never a loop of its own):
 - ``reft``: the fine-tuned model, trained back on the pretraining task (family, O_PT) at an LR below the

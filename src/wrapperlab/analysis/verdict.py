@@ -1,4 +1,4 @@
-"""Verdict for a fine-tuned run: wrapper, deletion, amplification or unchanged (paper.md §1, Fig. 1b).
+"""Verdict for a fine-tuned run: wrapper, deletion, amplification or unchanged (paper §3, Fig. 1b).
 
 The paper's three hypotheses for what fine-tuning does to a pretraining capability C: it learns a minimal
 transformation on top of C (a **wrapper**, revivable by pruning or reFT), it **deletes** C, or it **amplifies**

@@ -1,4 +1,4 @@
-"""Analysis throughput (issue 7, item 4): probing, a pruning sweep over K and a revival curve each evaluate the
+"""Analysis throughput: probing, a pruning sweep over K and a revival curve each evaluate the
 model many times. For each tool: wall time, the number of sequences it pushed through the model, and the share
 of its wall time that a bare batched forward of that many sequences (timed in the same run) accounts for —
 ``forward_share`` near 1 means the tool is bound by the model's forward, lower means its own overhead

@@ -1,4 +1,4 @@
-"""End-to-end wall time of ``wrapperlab reproduce --preset quick`` (issue 7, item 5; target <= 15 min here), from
+"""End-to-end wall time of ``wrapperlab reproduce --preset quick`` (target <= 15 min here), from
 an empty output directory, as a user runs it (a subprocess of the console entry point). The outcome line reports
 how many runs executed, so a timing that reused earlier runs cannot pass for a fresh one.
 

@@ -3,7 +3,7 @@
 
 Sequences/s of the sampler at the paper's 250-token window (pretraining family mix, and fine-tuning data with
 the spurious edit at c = 1), and sequences/s that one training step of the paper-preset model consumes on
-this machine. ``ratio`` = sampling / consumption (issue 2: sampling must never be what training waits on).
+this machine. ``ratio`` = sampling / consumption (sampling must never be what training waits on).
 
     python benchmarks/sampling.py [--window 250] [--batch 96] [--repeats 20] [--train-steps 3]
     wrapperlab bench sampling --json

@@ -1,6 +1,6 @@
 """Training-step throughput: wrapperlab's own stage loop against the hand-written reference step, on the
-identical model shape and batch, timed alternately in the same run (issue 7, item 1); the fine-tuning step
-(answer-only loss) against the same step running the vocabulary head at every position (item 2); and this
+identical model shape and batch, timed alternately in the same run; the fine-tuning step
+(answer-only loss) against the same step running the vocabulary head at every position; and this
 CPU's measured matmul peak in fp32 and bf16, so achieved GFLOP/s can be read as a fraction of it.
 
 Each measurement runs in a fresh process (same thread count for both sides):

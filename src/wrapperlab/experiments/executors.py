@@ -1,4 +1,4 @@
-"""Executors and the DAG scheduler (design.md: "local, ray"; issue 5 item 3).
+"""Executors and the DAG scheduler: local processes or Ray.
 
 An executor only knows how to start ``plan.execute(payload)`` somewhere and hand back a
 ``concurrent.futures.Future``; the scheduler (``run_plan``) is written once on top of that:

@@ -1,4 +1,4 @@
-"""An experiment as data: YAML -> typed ``ExperimentSpec`` (design.md "What a user does with it", item 2).
+"""An experiment as data: YAML -> typed ``ExperimentSpec``.
 
 A spec names groups of runs and the analyses to run on them::
 

@@ -1,4 +1,4 @@
-"""The store: one directory per run plus an embedded SQLite index (design.md "Store").
+"""The store: one directory per run plus an embedded SQLite index.
 
 Layout of a store root::
 

@@ -1,20 +1,20 @@
-"""The TinyStories protocol end to end: the Table 1 and Fig. 11a analogs (paper.md §6.2–6.5; issue 6).
+"""The TinyStories protocol end to end: the Table 1 and Fig. 11a analogs (paper §5.2, App. F).
 
 One call trains (or reuses) every run of the protocol under ``OUT``:
 
 - ``pretrain`` ("present in pretraining") and ``control`` ("not in pretraining": the pretraining split without
-  Twist), sharing one tokenizer (§6.2);
-- ``delete-{F,F+R,F+MM}-{M,S}``: deletion fine-tuning of ``pretrain`` at η_M and η_S, constant LR (§6.3);
+  Twist), sharing one tokenizer (App. F.1);
+- ``delete-{F,F+R,F+MM}-{M,S}``: deletion fine-tuning of ``pretrain`` at η_M and η_S, constant LR (App. F.1);
 - ``recover-…`` for each deleted model and ``recover-control``: reFT on the recovery set (Twist stories) at one LR
-  for every model, evaluated at the Table 1 columns (§6.3, §6.5);
+  for every model, evaluated at the Table 1 columns (App. F.1, Table 1);
 
-then probes the Twist feature per block in pretrain, control and the six deleted models (§6.4, Fig. 11a), and
+then probes the Twist feature per block in pretrain, control and the six deleted models (App. F.2, Fig. 11a), and
 returns the rows of both tables beside the paper's values. A run directory is an ordinary story run
 (``training/story_stage.py``): a finished one is reused, an interrupted one resumes exactly.
 
 Presets (choices the paper does not make for us, written down here):
 
-- ``paper``: §6's values: d 768, 12 layers, 12 heads, context 1024, BPE 8192, batch 128; pretraining 30,000 steps
+- ``paper``: App. F.1's values: d 768, 12 layers, 12 heads, context 1024, BPE 8192, batch 128; pretraining 30,000 steps
   at 1e-3 (warmup 1000, cosine); deletion 4000 steps at η_M = 1e-4, η_S = 1e-5; reFT 4000 steps at 1e-5, columns
   0 / 30 / 270 / 3000 (the authors' notebook reads "300" at 270); ≤ 350 new tokens. Needs real shards (``--data``)
   and a judge (``--judge``), and a GPU.
@@ -42,14 +42,14 @@ import numpy as np
 KINDS = ("F", "F+R", "F+MM")
 ETAS = ("M", "S")
 
-# Table 1 [P §5.2] (paper.md §6.5): percent of reFT generations with a twist at reFT iteration 0 / 30 / 300 / 3000
+# Table 1 (paper §5.2): percent of reFT generations with a twist at reFT iteration 0 / 30 / 300 / 3000
 PAPER_TABLE1 = {
     ("F", "M"): (44, 81, 81, 82), ("F+R", "M"): (12, 56, 69, 75), ("F+MM", "M"): (31, 88, 50, 75),
     ("F", "S"): (69, 88, 75, 94), ("F+R", "S"): (12, 44, 81, 81), ("F+MM", "S"): (50, 81, 62, 81),
     ("control", ""): (12, 31, 44, 81),
 }
 PAPER_COLUMNS = (0, 30, 300, 3000)
-# Fig. 11a / 35 (paper.md §6.4-6.5), qualitative: the captions give no per-layer numbers
+# Fig. 11a / 35 (paper §5.2, App. F.2), qualitative: the captions give no per-layer numbers
 PAPER_PROBE_CLAIM = ("Twist probe accuracy (y-range 0.84-0.95) is barely reduced relative to the pretrained model "
                      "at η_S, a bit more at η_M, and both stay far above the not-in-pretraining model")
 

@@ -1,4 +1,4 @@
-"""Table 3 analog (paper.md §3.2, §5.2): fine-tune the compiled Counter and Max-identifier at every learning
+"""Table 3 analog (paper Table 3; App. C.1 recipe): fine-tune the compiled Counter and Max-identifier at every learning
 rate and c_train, evaluate O_PT / O_FT accuracy at C_Te = 1 and 0, and set each cell beside the paper's.
 
 Runs are ordinary wrapperlab run directories (``OUT/<program>-<lr>-c<c_train>``): finished runs are reused, an

@@ -1,6 +1,6 @@
 """LLaMA-2-style decoder (llama2.c) with the same hook points and API as ``models/transformer.py``.
 
-This is the model of the TinyStories experiment (paper.md §6.2, "Model and pretraining"): Jain et al. train
+This is the model of the TinyStories experiment (paper App. F.1): Jain et al. train
 Karpathy's llama2.c ``model.py``, at the paper's scale **dim 768, 12 layers, 12 heads, vocab 8192** (≈ 91.2M
 parameters), context 1024 (the paper's sequence length; the repo's ``configs/base91M.py`` says 256 — set
 ``seq_len`` to match a checkpoint). ``LlamaConfig()`` with no arguments is that model.
@@ -21,7 +21,7 @@ Architecture (each choice as llama2.c makes it, unless marked *ours*):
   ``to_empty``, so they are never rounded to bf16/fp16 nor left uninitialised after a meta-device build); the
   rotation runs in at least fp32 and is cast back (as llama2.c);
 - SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``, bias-free, hidden width ``hidden_dim`` or by default llama2.c's
-  rule ``multiple_of * ceil(int(2 * 4 * d_model / 3) / multiple_of)`` with ``multiple_of = 64`` (paper.md: 768 ->
+  rule ``multiple_of * ceil(int(2 * 4 * d_model / 3) / multiple_of)`` with ``multiple_of = 64`` (768 ->
   2048; llama2.c's ``train.py`` uses 32, which gives the same 2048 at d = 768);
 - final RMSNorm, then the output head **tied** to the token embedding: ``head.weight`` *is* ``tok_emb.weight``. The
   head is a small module that reads the embedding's parameter instead of holding a second reference to it, so the

@@ -1,4 +1,4 @@
-"""Tracr-compiled programs as wrapperlab ``Transformer`` s (paper.md §3.1; design.md "Extra tracr").
+"""Tracr-compiled programs as wrapperlab ``Transformer`` s (paper App. B.1, Alg. 1–2).
 
 A compiler as a short pipeline of named stages, each testable alone:
 
@@ -89,7 +89,7 @@ def _rasp():
 
 
 def counter_program(operand: str = "a"):
-    """Alg. 1 of the paper (paper.md §3.1), compiled to count ``operand``."""
+    """Alg. 1 of the paper (App. B.1), compiled to count ``operand``."""
     rasp, _ = _rasp()
     is_op = (rasp.tokens == operand).named("bin")
     bin_idx = rasp.Select(is_op, rasp.indices, rasp.Comparison.EQ).named("bin_idx")
@@ -99,7 +99,7 @@ def counter_program(operand: str = "a"):
 
 
 def max_identifier_program(rank: int = 5):
-    """Alg. 2 (paper.md §3.1): the ``rank``-th "largest" token, where a > b > c > ... (so the rank-th
+    """Alg. 2 of the paper (App. B.1): the ``rank``-th "largest" token, where a > b > c > ... (so the rank-th
     alphabetically smallest)."""
     rasp, _ = _rasp()
     var_small = rasp.Select(rasp.tokens, rasp.tokens, rasp.Comparison.LT).named("var_small")
@@ -116,7 +116,7 @@ def _distinct(vocab: tuple) -> Callable[[np.random.Generator, int], list]:
 LETTERS9 = tuple("abcdefghi")
 LETTERS26 = tuple("abcdefghijklmnopqrstuvwxyz")
 COUNTER_LEN = 44  # letters per Counter input; + BOS = the 45 positions of the paper's attention maps
-MAXID_LEN = 10  # 10 distinct letters (paper.md §3.1, Fig. 13)
+MAXID_LEN = 10  # 10 distinct letters (paper App. B.1, Fig. 13)
 
 
 def _lib(fn_name: str, *args, **kw):

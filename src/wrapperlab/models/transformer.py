@@ -1,10 +1,10 @@
-"""minGPT-style decoder-only transformer with TransformerLens-style hook points (paper.md §2.6).
+"""minGPT-style decoder-only transformer with TransformerLens-style hook points (paper App. C.2).
 
 Paper preset: 6 blocks, 6 heads, d = 192, GELU MLP of width 4d, pre-LayerNorm, learned positional embeddings,
 untied head (minGPT defaults; the paper states only depth, heads and width). No dropout (the paper does not
 state any; determinism and exact resumes are simpler without it).
 
-Options for other model families (Tracr ports, issue 4): ``norm="none"``, ``act="relu"``, ``causal=False``,
+Options for other model families (Tracr ports): ``norm="none"``, ``act="relu"``, ``causal=False``,
 ``d_head`` independent of ``d_model / n_head``, ``attn_scale``, ``d_vocab_out`` (an output space other than
 the input vocabulary; see ``models/tracr.py``).
 

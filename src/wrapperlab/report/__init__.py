@@ -1,1 +1,1 @@
-"""Report: figures (and, with issue 5, the HTML report and claims table)."""
+"""Report: figures, the claims table and the self-contained HTML report."""

@@ -98,9 +98,9 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
     claims = claims_table(ev)
     parts = [f"<h1>{html.escape(title or 'wrapperlab report')}</h1>",
              f"<p>Evidence from {html.escape(what)}: {len(ev.runs)} finished runs. Generated "
-             f"{dt.datetime.now().isoformat(timespec='seconds')}. Paper: Jain et al., arXiv 2311.12786 "
-             f"(spec: docs/paper.md). Statuses are computed from the stored results by the rule under each "
-             f"row.</p>", "<h2>Claims</h2>", _claims_html(claims)]
+             f"{dt.datetime.now().isoformat(timespec='seconds')}. Paper: Jain et al., ICLR 2024, "
+             f"<a href='https://arxiv.org/abs/2311.12786'>arXiv 2311.12786</a>. Statuses are computed from the stored "
+             f"results by the rule under each row.</p>", "<h2>Claims</h2>", _claims_html(claims)]
     figs: list[Path] = []
     parts += _figures(ev, out, figs)
     parts += _tables(ev)

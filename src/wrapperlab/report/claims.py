@@ -5,7 +5,7 @@ read from stored results (run sidecars and analysis JSON files), so editing a st
 Statuses: ``reproduced`` (every measured case agrees with the paper), ``partial`` (some do), ``not reproduced``
 (none do), ``not measured`` (nothing stored bears on the claim; the row says which preset or command measures it).
 
-Claims (paper.md §5; the section and figure are in each row):
+Claims (paper §5 and its appendices; the section and figure are in each row):
 - wrapper: small-LR fine-tuning of a weakly relevant capability learns a wrapper (verdict per run).
 - prune: pruning a few (<= 15) neurons revives the pretraining capability (Fig. 7).
 - probe: O_PT stays linearly readable after fine-tuning (Fig. 8).
@@ -159,7 +159,7 @@ def claim_wrapper(ev: Evidence) -> dict:
         cases.append((f"{r.tag()}: verdict {label} ({v.meta.get('why')})", label == "wrapper"))
     return _claim("wrapper", "Fine-tuning a weakly relevant capability (low prior) with a small LR learns a wrapper "
                   "on top of the pretraining capability rather than deleting it",
-                  "wrapper under η_M/η_S with the low prior (Figs. 7–9)", "§5.1", cases,
+                  "wrapper under η_M/η_S with the low prior (Figs. 7–9)", "paper §5, Figs. 7–9", cases,
                   "no verdict stored for a low-prior η_M/η_S fine-tune (analysis `verdict`)",
                   "every low-prior η_M/η_S/η_VS verdict is 'wrapper'", excluded)
 
@@ -178,8 +178,8 @@ def claim_prune(ev: Evidence) -> dict:
         cases.append((f"{r.tag()}: O_PT {_pct(sub[0]['acc'])} → {_pct(best['acc'])} at K={best['k']} "
                       f"(majority {_pct(best['majority'])})", ok))
     return _claim("prune", "Pruning a few neurons (K ≤ 15) of a small-LR fine-tuned model revives the pretraining "
-                  "capability", "O_PT accuracy recovers after pruning 5–15 neurons (Fig. 7)", "§5.1 Fig. 7", cases,
-                  "no pruning result stored for a low-prior η_M/η_S fine-tune (analysis `prune`)",
+                  "capability", "O_PT accuracy recovers after pruning 5–15 neurons (Fig. 7)", "paper §5, Fig. 7",
+                  cases, "no pruning result stored for a low-prior η_M/η_S fine-tune (analysis `prune`)",
                   f"gain ≥ {TH.prune_gain:g} at some K ≤ {TH.prune_k}, ending above the majority rate", excluded)
 
 
@@ -199,7 +199,7 @@ def claim_probe(ev: Evidence) -> dict:
                       ok))
     return _claim("probe", "The pretraining capability stays linearly readable after fine-tuning",
                   "count of O_PT decodable with a trend like the pretrained model's; drop only at η_M, low prior "
-                  "(Fig. 8)", "§5.1 Fig. 8", cases, "no probe result stored (analysis `probe`)",
+                  "(Fig. 8)", "paper §5, Fig. 8", cases, "no probe result stored (analysis `probe`)",
                   f"within {TH.probe_tolerance:g} of the pretrained model and ≥ random-init + "
                   f"{TH.probe_control_margin:g}", excluded)
 
@@ -221,7 +221,7 @@ def claim_revival(ev: Evidence) -> dict:
                       f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok))
     return _claim("revival", "Reverse fine-tuning revives the pretraining capability much faster than training the "
                   "same steps from a model that never had it (Scr.+FT)",
-                  "L prior ~3K iterations, H/M 0.1–1K; Scr.+FT 4.5K (Fig. 9)", "§5.1 Fig. 9", cases,
+                  "L prior ~3K iterations, H/M 0.1–1K; Scr.+FT 4.5K (Fig. 9)", "paper §5, Fig. 9", cases,
                   "no revival result stored (analysis `revival`)",
                   f"reFT reaches the target in ≤ {TH.revival_ratio:g} × Scr.+FT's steps", excluded)
 
@@ -242,7 +242,7 @@ def claim_spurious(ev: Evidence) -> dict:
             cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0", ft0 >= 0.9))
     return _claim("spurious", "With fully correlated data (C_Tr = 1) fine-tuning learns the spurious rule "
                   "count(a) + 1 instead of the task; without correlation (η_L/η_M) it learns the task",
-                  "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "§5.5 Table 5",
+                  "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "paper Table 5",
                   cases, "no PCFG fine-tune with C_Tr ∈ {0, 1} stored",
                   "C_Tr=1: O_FT ≥ 90 % at C_Te=1 and ≥ 80 % of C_Te=0 answers follow count(a)+1; "
                   "C_Tr=0 at η_L/η_M: O_FT ≥ 90 % at C_Te=0")
@@ -262,7 +262,7 @@ def claim_prior(ev: Evidence) -> dict:
                           f"(low)", a_hi >= a_lo))
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
-                  "§5.1 Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
+                  "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
                   "(`wrapperlab reproduce --preset full`)", "O_PT after FT is at least as high with the higher prior")
 
 
@@ -281,7 +281,8 @@ def claim_tracr_attention(ev: Evidence) -> dict:
     return _claim("tracr-attention", "Fine-tuning the compiled Counter leaves its block-1 head attending to `a`, "
                   "except with the large LR and uncorrelated data", "attention stays on a except at the larger LR "
                   "with C_Tr = 0 (Fig. 10); η_M excluded: App. G says η_M learns b while still attending to a",
-                  "§5.1 Fig. 10", cases, "no Counter attention signature stored (analysis `attention` on a Tracr run)",
+                  "paper §5, Fig. 10", cases,
+                  "no Counter attention signature stored (analysis `attention` on a Tracr run)",
                   "η_S/η_VS: mass on a ≥ 0.5 and on b < 0.1; η_L with C_Tr=0: more mass on b than on a")
 
 
@@ -302,7 +303,7 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
         cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0 (expected: below 80 %)", ft0 is not None and ft0 < 0.8))
     return _claim("tracr-maxid", "Only the very small LR fine-tunes Max-identifier well (and keeps its sorting head)",
                   "η_VS: O_FT 82–93 %; η_M/η_S below (App. G, Table 3; the table's η_L rows reach ~99 % at C_Te=0, "
-                  "against the text, so η_L is left out)", "§5.4", cases,
+                  "against the text, so η_L is left out)", "paper App. G", cases,
                   "no Max-identifier fine-tunes stored", "η_VS: O_FT ≥ 80 % at C_Te=0 and sorting intact ≥ 0.8; "
                   "η_M/η_S: O_FT < 80 %")
 
@@ -352,8 +353,8 @@ def claim_tinystories(ev: Evidence) -> dict:
     return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: reFT on "
                   "Twist stories revives it faster than a model that never saw Twist learns it",
                   "after 30 reFT steps 44–88 % of generations have a twist vs 31 % for the not-in-pretraining "
-                  "control; deleted models' loss ends below the control's (Table 1, Figs. 11b, 33)", "§6 Table 1",
-                  cases, "no story protocol stored (`wrapperlab stories table`)",
+                  "control; deleted models' loss ends below the control's (Table 1, Figs. 11b, 33)",
+                  "paper §5.2, Table 1", cases, "no story protocol stored (`wrapperlab stories table`)",
                   "after the first reFT column: Twist rate above the control's, and the held-out loss at the last "
                   "column below the control's")
 
@@ -380,7 +381,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
                       f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok))
     return _claim("tinystories-probe", "After deletion fine-tuning, Twist stays linearly readable in the residual "
                   "stream", "Twist probe accuracy barely reduced vs the pretrained model, far above the "
-                  "not-in-pretraining model (Fig. 11a)", "§6 Fig. 11a", cases,
+                  "not-in-pretraining model (Fig. 11a)", "paper Fig. 11a", cases,
                   "no feature probes stored (`wrapperlab stories table` or `stories probe`)",
                   f"within {STORY_PROBE_TOLERANCE:g} of the pretrained model's accuracy and above the "
                   "not-in-pretraining model's (means over blocks)")

@@ -1,4 +1,4 @@
-"""The five PCFG task families of paper.md §2.3 (App. B.2), computed vectorised over a batch of windows.
+"""The five PCFG task families of the paper (App. B.2), computed vectorised over a batch of windows.
 
 ``text`` is an (n, W) int8 array of terminal indices, right-aligned against EOT, with -1 where a string shorter
 than the window left no token (see ``task.py``). Positions are counted backwards from the EOT token: distance 1

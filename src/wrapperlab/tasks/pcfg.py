@@ -1,6 +1,6 @@
 """The paper's probabilistic context-free grammar and a fast, seeded, vectorised sampler.
 
-Spec: paper.md §2.1 (App. B.2, Fig. 14 of the paper): 16 non-terminals, terminals {a, b, c}, two rules per
+Spec: the paper's App. B.2 and Fig. 14: 16 non-terminals, terminals {a, b, c}, two rules per
 non-terminal chosen with p = 0.5, right-hand sides of length 2 or 3, root ``s``.
 
 The sampler expands *every* open non-terminal of a whole batch of strings at once with numpy (one round per

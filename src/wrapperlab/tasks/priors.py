@@ -1,4 +1,4 @@
-"""Operand priors P_T(O) of paper.md §2.4 (App. C.2).
+"""Operand priors P_T(O) of the paper (§5, App. C.2).
 
 The three named in the main text take their name from the probability they give O_FT = b:
 low (0.999, 0.001, 0), medium (0.9, 0.1, 0), high (0.5, 0.3, 0.2). The appendix's other two are named

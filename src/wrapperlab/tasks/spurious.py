@@ -1,4 +1,4 @@
-"""Planting the spurious correlation r(x, O_FT) - r(x, O_PT) = q (paper.md §2.5, App. B.2).
+"""Planting the spurious correlation r(x, O_FT) - r(x, O_PT) = q (paper §5, App. B.2).
 
 The paper says only that the correlation is planted "by artificially adding the target tokens O_FT" and that
 the label histograms should barely move (its Fig. 16). Our edit is the **smallest Hamming edit** that makes the

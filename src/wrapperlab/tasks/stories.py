@@ -1,10 +1,10 @@
-"""The data layer of the TinyStories check (paper.md §6.1 data, §6.3 deletion protocols; issue 6).
+"""The data layer of the TinyStories check (paper App. B.3 and F.1: data and deletion protocols).
 
 Pure Python + numpy: records, the authors' JSON shard format, the instruction text, shard splits, the deletion /
 recovery transforms, and a procedural story generator with an exact feature checker. Tokenisation and training live
 elsewhere. Every random draw comes from a ``numpy.random.Generator`` passed in (or built from an int seed).
 
-Records and shards (§6.1)
+Records and shards (App. B.3)
     A shard (``TinyStories_all_data/data00.json`` ...) is a JSON list of objects with ``story``, ``instruction``
     (``prompt:``, ``words``, ``features``), ``summary`` and optionally ``source``. ``load_shards`` turns each into a
     :class:`StoryRecord`. Choices the paper leaves open:
@@ -19,7 +19,7 @@ Records and shards (§6.1)
       template ``prompt:`` so the files stay in the authors' format.
     - Record numbers in error messages are 0-based positions in the JSON list.
 
-Text format (§6.1, ``make_text``)
+Text format (App. B.3, the authors' ``make_text``)
     Instruction lines ``Words: w1, w2, w3``, ``Features: Dialogue, Twist``, ``Summary: ...``, ``Sentence: ...`` in a
     random order, then ``Story: <story>``, joined by ``\\n``. Choices:
 
@@ -34,14 +34,14 @@ Text format (§6.1, ``make_text``)
       story gives an empty sentence.
     - BOS/no-EOS encoding is the tokenizer's job, not this module's.
 
-Splits (§6.1)
+Splits (the authors' code)
     Shard 0 is the test split. Of the other m shards the first ``int(m * 0.8)`` (rounded down, as the authors'
     ``int(len(shards) * PRETRAIN_SHARD_PERCENTAGE)``; equal to ``4 * m // 5`` for every m below 100,000) are
     pretraining and the rest fine-tuning / reFT / deletion. Both training parts must be non-empty, so at least three
     shards are needed: 1 shard (test only) and 2 shards (m = 1: no pretraining shard) raise :class:`StoriesError`;
     3 shards give test [0], pretrain [1], finetune [2]; the real 50 shards give pretrain 1-39, finetune 40-49.
 
-Transforms (§6.3)
+Transforms (App. F.1)
     Pure functions on record lists; inputs are never modified. Only the INSTRUCTION's features change, never the
     story: F drops every story with the feature; F+R filters, then appends the feature to each remaining record's
     features with probability p (default 1.0, as in the paper; 0 < p < 1 needs an rng); F+MM filters the deleted
@@ -308,7 +308,7 @@ def _instruction_lines(record: StoryRecord, rng: np.random.Generator, omit_empty
 
 
 def prompt_text(record: StoryRecord, rng: np.random.Generator | int, *, omit_empty_features: bool = False) -> str:
-    """The shuffled instruction lines followed by ``Story: `` (the generation prompt, §6.4)."""
+    """The shuffled instruction lines followed by ``Story: `` (the generation prompt, App. F.2)."""
     return "\n".join(_instruction_lines(record, _rng(rng), omit_empty_features) + ["Story: "])
 
 
@@ -358,7 +358,7 @@ def split_shards(shards: Sequence[Sequence[StoryRecord]],
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Transforms (§6.3)
+# Transforms (App. F.1)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -408,7 +408,7 @@ def mix_match(records: Iterable[StoryRecord], src: str = "Foreshadowing", dst: s
 
 def deletion_dataset(records: Iterable[StoryRecord], kind: str, feature: str = "Twist", other: str = "Foreshadowing",
                      p: float = 1.0, rng: np.random.Generator | int | None = None) -> list[StoryRecord]:
-    """The deletion fine-tuning set of §6.3: ``"F"`` (filter-Twist), ``"F+R"`` (filter-adv-Twist) or ``"F+MM"``
+    """The deletion fine-tuning set of App. F.1: ``"F"`` (filter-Twist), ``"F+R"`` (filter-adv-Twist) or ``"F+MM"``
     (filter-mix-Twist-Foreshadowing)."""
     key = kind.replace(" ", "").upper()
     if key == "F":

@@ -1,4 +1,4 @@
-"""Story records -> token streams and batches (paper.md §6.1 "Splits", §6.4 prompts; issue 6).
+"""Story records -> token streams and batches (splits as in the authors' code, prompts as in paper App. F.2).
 
 - ``StoryStream``: a split's texts (``make_text`` of every record, the instruction order drawn from a seeded rng),
   each encoded with BOS and no EOS and concatenated. LM batches are random ``seq_len + 1`` windows of the stream,

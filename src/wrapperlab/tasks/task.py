@@ -1,11 +1,11 @@
 """A PCFG task: configuration plus a seeded generator of (token sequence, answer) batches.
 
-Sequence layout, paper.md §2.2 eq. (1):  SOS T O O' SOT Txt EOT ART Ans EOS,  length window + 9
+Sequence layout, paper App. B.2, eq. (1):  SOS T O O' SOT Txt EOT ART Ans EOS,  length window + 9
 (259 for the paper's 250-token window — the paper's "~260-token sequences").
 
-Strings shorter than the window (≈24 % of the paper grammar's strings at window 250; paper.md §2.1 notes the
-paper is silent) are **kept whole and left-padded**: the PAD tokens go before SOS, so every sequence has the same
-length, the answer sits at the same position in every row, and no grammar token is invented or thrown away.
+Strings shorter than the window (≈24 % of the paper grammar's strings at window 250; the paper does not say
+what it does with them) are **kept whole and left-padded**: the PAD tokens go before SOS, so every sequence has
+the same length, the answer sits at the same position in every row, and no grammar token is invented or thrown away.
 All five families count positions backwards from EOT, so their answers are well defined on a short string as
 long as it is at least O' long (the paper grammar's shortest string has 161 tokens). ``short_strings="reject"``
 instead redraws strings until they fill the window (this biases the data toward long derivations).
@@ -32,7 +32,7 @@ PREFIX_LEN, SUFFIX_LEN = 5, 4
 
 
 class TaskConfig(BaseModel):
-    """Knobs of the PCFG task. Paper values are the defaults (paper.md §2.1–2.5)."""
+    """Knobs of the PCFG task. Paper values are the defaults (paper §5, App. B.2, C.2)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""The TinyStories tokenizer: SentencePiece BPE trained on the local corpus (paper.md §6.1; issue 6).
+"""The TinyStories tokenizer: SentencePiece BPE trained on the local corpus (paper App. B.3, F.1).
 
 The paper's settings: BPE, vocabulary 8192, ``split_digits=True``, ``byte_fallback=True``,
 ``character_coverage=1.0``, ``normalization_rule_name=identity``, trained on the text of the first 10 shards. Every
@@ -122,7 +122,7 @@ class Tokenizer:
         return list(self.sp.EncodeAsPieces(text))
 
     def encode_stream(self, texts: Iterable[str]) -> np.ndarray:
-        """One shard's token stream: every text with BOS, no EOS, concatenated (§6.1), as uint16 (vocab < 65536)."""
+        """One shard's token stream: every text with BOS, no EOS, concatenated, as uint16 (vocab < 65536)."""
         if self.vocab_size > np.iinfo(np.uint16).max:
             raise TokenizerError(f"vocab_size {self.vocab_size} does not fit the uint16 token stream")
         out: list[int] = []

@@ -1,20 +1,20 @@
-"""Data for the Tracr programs (paper.md §3.1–3.2): Counter and Max-identifier, with the spurious correlation
+"""Data for the Tracr programs (paper App. B.1, C.1): Counter and Max-identifier, with the spurious correlation
 r(x, O_FT) - r(x, O_PT) = q.
 
-Choices where the paper is silent (paper.md §7.9), written down here and in docs/tracr.md:
+Choices where the paper is silent, written down here and in docs/tracr.md:
 
 - **Lengths.** Counter inputs are 44 letters a–i drawn uniformly with replacement (BOS + 44 = the 45 positions
   of the paper's attention maps). Max-identifier inputs are 10 distinct letters from a–z. Every input has the
   same length and no padding: a compiled model has no padding mask, so a pad token would be read as a token.
 - **Readout.** Both programs write their answer at RASP index 1, i.e. sequence position 2 (BOS is position 0).
-  The loss is cross-entropy of the output scores at that position (paper.md §3.2, inferred).
+  The loss is cross-entropy of the output scores at that position (the paper does not state it; inferred).
 - **Operands.** Counter: the letter counted (O_PT = a, O_FT = b). Max-identifier: the rank k of the k-th
   largest letter, "largest" meaning alphabetically first (O_PT = 5; O_FT = 6, i.e. q = 1 — the paper does not
   state O_FT).
 - **Spurious correlation.** A correlated sample is drawn from the natural distribution *conditioned on*
   r(x, O_FT) - r(x, O_PT) = q (rejection sampling): for Counter count(b) = count(a) + q; for Max-identifier the
-  O_FT-th largest letter is q letters after the O_PT-th largest (paper.md §3.1: "if the 5th largest is a the
-  target is b"). q = 1 for both (the paper states q only for PCFG). C_Te = 0 is the natural distribution.
+  O_FT-th largest letter is q letters after the O_PT-th largest (paper App. B.1: with q = 1, if the 5th largest
+  is a the target is b). q = 1 for both (the paper states q only for PCFG). C_Te = 0 is the natural distribution.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ READOUT = 2  # sequence position of RASP index 1
 
 
 class TracrTaskConfig(BaseModel):
-    """A fine-tuning task on a shipped compiled program (paper.md §3)."""
+    """A fine-tuning task on a shipped compiled program (paper App. B.1, C.1)."""
 
     model_config = ConfigDict(extra="forbid")
 

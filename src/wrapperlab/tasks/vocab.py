@@ -1,4 +1,4 @@
-"""Token vocabulary of the PCFG tasks (paper.md §2.2, eq. (1) and Fig. 15).
+"""Token vocabulary of the PCFG tasks (paper App. B.2, eq. (1) and Fig. 15).
 
 Spellings follow the paper's Fig. 15 where it shows them: ``$`` SOS/EOS, ``(`` the counting family, ``<`` SOT,
 ``=`` ART, ``#`` padding. The paper reuses ``<`` for EOT; we give EOT its own token ``>`` so the two ends of the

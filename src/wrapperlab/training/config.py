@@ -149,7 +149,7 @@ class RunConfig(BaseModel):
         return self
 
     def _check_tracr(self) -> RunConfig:
-        """Tracr tasks (paper.md §3.2): the compiled program is the pretrained model, so a finetune without a
+        """Tracr tasks (paper App. C.1): the compiled program is the pretrained model, so a finetune without a
         parent starts from it; there is no pretrain stage, and the loss is on the answer only."""
         t, prog = self.train, self.task.program
         if self.stage == "pretrain":

@@ -1,4 +1,4 @@
-"""Behavioural accuracy on fixed, seeded evaluation sets (paper.md §5.5: the columns of Tables 5–8).
+"""Behavioural accuracy on fixed, seeded evaluation sets (the columns of the paper's Tables 5–8).
 
 For the stage's family F: accuracy on O_PT and O_FT at every c_test (default 0 and 1). For pretraining also each
 of the five families on operands a and b at c_test = 0. Every accuracy comes with its majority-class rate (always

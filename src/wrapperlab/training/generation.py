@@ -1,4 +1,4 @@
-"""Generation score (paper.md §6.4, Table 1, Figs. 32/34; issue 6): the fraction of stories a model writes from
+"""Generation score (paper App. F.2, Table 1, Figs. 32/34): the fraction of stories a model writes from
 instructions that ask for a feature (Twist) which a judge says contain it.
 
 As the authors: prompts are instruction prefixes up to ``"Story: "`` taken from stories whose features include

@@ -1,6 +1,6 @@
-"""Presets: ``paper`` (the paper's scale, exactly as paper.md states it) and ``cpu`` (this 2-core machine).
+"""Presets: ``paper`` (the paper's scale, exactly as the paper states it) and ``cpu`` (this 2-core machine).
 
-paper (paper.md §2.6–2.7): window 250, O' = 40 (count, count-composition, token-value) and 6 (index families),
+paper (paper App. B.2, C.2): window 250, O' = 40 (count, count-composition, token-value) and 6 (index families),
 minGPT 6 layers x 6 heads x d 192; pretraining AdamW 1e-3, 20 % warmup + cosine, full next-token loss, 200K
 steps (batch size, betas and weight decay are not given: we use batch 96, betas (0.9, 0.95), weight decay 0.1 —
 minGPT's defaults); fine-tuning AdamW, batch 96, 10K steps, 20 % warmup, cosine to max/100, eta_L/M/S =
@@ -76,7 +76,7 @@ CPU = {
 _TWO_OPERAND = {"train": {"batch_size": 128, "steps": 6000}}
 CPU["pretrain_by_prior"] = {"high": _TWO_OPERAND, "medium-high": _TWO_OPERAND, "medium": _TWO_OPERAND}
 
-# Tracr (paper.md §3.2): the compiled program is the pretrained model (no pretrain stage; the model shape comes
+# Tracr (paper App. C.1): the compiled program is the pretrained model (no pretrain stage; the model shape comes
 # from the program). SGD with momentum 0.9 (the paper gives no value), batch 96, 10K steps, 2K warmup then cosine
 # to 1e-2 x max, eta_L/M/S/VS = 1e-1/1e-2/1e-3/1e-4. Gradient clipping at 1.0 as for every wrapperlab stage (the
 # paper does not say). tracr-cpu keeps the LRs and the warmup fraction and runs 1K steps (docs/tracr.md).

@@ -1,8 +1,9 @@
 """Learning-rate schedules: linear warmup, then cosine (or constant) down to ``min_lr_frac`` x the peak.
 
-paper.md §2.7: pretraining warms up over the first 20 % then follows a cosine (the floor is not stated; we decay
-to 0, which makes the average pretraining LR 5e-4 as paper.md's note assumes); fine-tuning warms up over 20 %
-and decays by cosine to max/100. Tracr fine-tuning (issue 4) uses 2K warmup steps, hence ``warmup_steps``.
+Paper App. C.2: pretraining warms up over the first 20 % then follows a cosine (the paper does not state the
+floor; we decay to 0, which makes the average pretraining LR, the paper's η_PT of §5, 5e-4); fine-tuning warms up
+over 20 % and decays by cosine to max/100. Tracr fine-tuning (App. C.1) uses 2K warmup steps, hence
+``warmup_steps``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""One training loop for every stage (paper.md §2.7): pretrain, finetune, reft, scratch, scratch+ft.
+"""One training loop for every stage (paper App. C.2, D, E.4): pretrain, finetune, reft, scratch, scratch+ft.
 
 Stages differ only in settings (init, data, loss, optimizer, schedule) — see ``presets.py``:
 - pretrain: from scratch, fresh data every step from the family mix and operand prior, next-token loss (paper)
   or answer-only loss.
 - finetune: from a finished pretrain run, one (family, O_FT) pair, spurious rate ``c_train``, answer-only loss.
 - reft: from a finished finetune run, back on the pretraining task (family, O_PT), at an LR smaller than the
-  fine-tuning LR (enforced: paper.md §2.7 makes it a rule).
+  fine-tuning LR (enforced: paper App. D makes it a rule).
 - scratch: from scratch on one (family, operand) pair (the paper's Scr. baseline; with operand=O_FT it is the
   starting point of Scr.+FT).
 - scratch+ft: from a finished scratch run, fine-tuned on (family, O_PT) exactly like reft (paper's Scr.+FT).
@@ -83,7 +83,7 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
                               f"not {pcfg['stage']}")
         if cfg.stage == "reft" and cfg.train.lr >= pcfg["train"]["lr"]:
             raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
-                              f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper.md §2.7)")
+                              f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper App. D)")
     else:
         if (raw.get("task") or {}).get("kind") == "tracr":  # the model is the compiled program's
             for key in sorted(explicit):
@@ -118,7 +118,7 @@ def build_model(cfg: RunConfig, task: PCFGTask | TracrTask) -> Transformer:
 
 @torch.no_grad()
 def tracr_init(cfg: RunConfig, task: TracrTask) -> Transformer:
-    """The compiled program as the starting point of a Tracr fine-tune (paper.md §3.2): tracr's weights,
+    """The compiled program as the starting point of a Tracr fine-tune (paper App. C.1): tracr's weights,
     function-preservingly rebalanced (``task.balance``), plus N(0, init_noise²) on every weight (seeded)."""
     from wrapperlab.models.tracr import balance
 

@@ -1,4 +1,4 @@
-"""A story-feature classifier: the generation score's judge for real TinyStories (paper.md §6.4; issue 6).
+"""A story-feature classifier: the generation score's judge for real TinyStories (paper App. F.2).
 
 The paper judged generations with a GPT-3.5 fine-tuned on TinyStories stories labelled by their Twist feature (92 %
 held-out accuracy [P]); no hosted model can be called here. This judge is trained here, from the same kind of labels:

@@ -1,10 +1,10 @@
-"""The TinyStories training stages (paper.md §6.2–6.4; issue 6): pretrain, delete, recover — one loop.
+"""The TinyStories training stages (paper App. F.1–F.2): pretrain, delete, recover — one loop.
 
 - ``pretrain``: from scratch on the pretraining split (shards 1 … 80 %), LM loss on random windows of the token
-  stream, AdamW with warmup + cosine (§6.2). ``dataset=filter`` removes the feature first: the paper's
+  stream, AdamW with warmup + cosine (App. F.1). ``dataset=filter`` removes the feature first: the paper's
   "not in pretraining" control. Trains the SentencePiece tokenizer on its own texts and keeps it in the run.
 - ``delete``: from a finished pretrain run, on the fine-tuning split transformed by ``dataset`` ∈ {F, F+R, F+MM}
-  (§6.3), at a **constant** LR (the authors' deletion configs); η_M / η_S are the learning rates.
+  (App. F.1), at a **constant** LR (the authors' deletion configs); η_M / η_S are the learning rates.
 - ``recover`` (reFT): from a finished run, on the recovery set (the fine-tuning split's stories with the feature),
   constant LR (the paper: 1e-5 for every deleted model, and the control gets the same).
 
