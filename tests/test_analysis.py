@@ -154,7 +154,9 @@ def test_residual_features_are_the_residual_stream_at_the_art_position(counter):
     pos = task.answer_pos - 1
     f = residual_features(model, b.tokens, pos)
     assert f.shape == (model.cfg.n_layer + 1, 7, model.cfg.d_model)
-    assert [lab for lab, _ in layer_names(2)] == ["B0", "B1", "B2"]
+    n = model.cfg.n_layer
+    assert layer_names(model) == [("B0", "blocks.0.hook_resid_pre")] + [
+        (f"B{i + 1}", f"blocks.{i}.hook_resid_post") for i in range(n)]
     toks = torch.from_numpy(b.tokens)
     with torch.no_grad():  # B0 by hand: token + position embedding of the ART token; last: model.residual
         b0 = model.tok_emb.weight[toks[:, pos]] + model.pos_emb.weight[pos]
@@ -289,3 +291,25 @@ def test_lineage_finds_parents_recorded_relative_to_another_directory(tmp_path, 
     ck.atomic_write_text(child / ck.SIDECAR, json.dumps(side))
     chain = lineage(child)
     assert [p.resolve() for p, _ in chain] == [child.resolve(), (root / "runs" / "parent").resolve()]
+
+
+def test_probes_and_pruning_read_a_llama_model_through_its_components():
+    """The analyses ask the model family for its components, so a llama model (other matrix names, no causal
+    flag in its config) is probed and pruned like a GPT."""
+    from wrapperlab.models.registry import get_family
+    from wrapperlab.tasks.task import PCFGTask, TaskConfig
+
+    task = PCFGTask(TaskConfig(window=16, o2={"count": 8, "count-composition": 8, "token-value": 8,
+                                              "index-of-occurrence": 2, "index-of-composition": 2}))
+    fam = get_family("llama")
+    torch.manual_seed(0)
+    model = fam.build(fam.config(d_model=16, n_layer=2, n_head=2), len(task.vocab), task.seq_len).eval()
+    b = task.sample(5, np.random.default_rng(0), family="count", operand="a")
+    pos = task.readout_pos
+    f = residual_features(model, b.tokens, pos)
+    assert f.shape == (3, 5, 16)
+    assert torch.allclose(f[0], model.tok_emb.weight[torch.from_numpy(b.tokens[:, pos])])  # no position embedding
+    units, n = saliency(model, task, family="count", settings=PruneSettings(n_grad=16, n_eval=20), top=5)
+    d, hidden = 16, model.cfg.mlp_dim
+    assert n == 2 * (4 * d + 2 * hidden + d)  # rows of wq, wk, wv, wo, w1, w3 (hidden each) and w2
+    assert all(u.matrix in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3") for u in units)

@@ -64,7 +64,7 @@ def test_shipped_counter_counts_a_exactly():
     b = task.sample(500, np.random.default_rng(0), operand="a")
     truth = [Counter(x)["a"] for x in _letters(task, b.tokens)]  # brute force on the decoded strings
     assert [int(task.output_names[a]) for a in b.answer] == truth
-    pred = predict(task.compiled.build(), task, b.tokens)
+    pred = predict(T.load(task.config.program).build(), task, b.tokens)
     assert (pred == b.answer).all()
 
 
@@ -74,7 +74,7 @@ def test_shipped_max_identifier_reads_the_fifth_largest():
     for x, a in zip(_letters(task, b.tokens), b.answer):
         assert len(set(x)) == 10
         assert task.output_names[a] == sorted(x)[4]  # "largest" = alphabetically first
-    assert (predict(task.compiled.build(), task, b.tokens) == b.answer).all()
+    assert (predict(T.load(task.config.program).build(), task, b.tokens) == b.answer).all()
 
 
 @pytest.mark.parametrize("program,o_pt,o_ft", [("counter", "a", "b"), ("max-identifier", "5", "6")])
@@ -107,7 +107,7 @@ def test_counter_block1_head_attends_to_a_at_the_readout():
     """paper App. G, Fig. 40: compiled Counter's block-1 head: the second token (RASP index 1) attends to the a's."""
     task = TracrTask(TracrTaskConfig(program="counter"))
     b = task.sample(200, np.random.default_rng(0), operand="a")
-    res = attention(task.compiled.build(), b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
+    res = attention(T.load(task.config.program).build(), b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
     k = np.array([Counter(x)["a"] for x in _letters(task, b.tokens)])
     # SelectorWidth: the query attends to BOS and to each selected key equally, so the mass on the a's is k/(k+1)
     assert mass_on(res, 1, 0, "a") == pytest.approx(np.mean(k / (k + 1)), abs=1e-3)

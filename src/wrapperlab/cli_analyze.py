@@ -97,7 +97,9 @@ def prune_cmd(
     k_max: int = typer.Option(15, help="sweep K = 0..k_max (paper: 15, or 100)"),
     ks: str | None = typer.Option(None, help="explicit comma-separated K values instead of 0..k_max"),
     unit: str = typer.Option("neuron", help="neuron (a row of a weight matrix, with its bias) or weight"),
-    matrices: str = typer.Option("attn.qkv,attn.proj,mlp.fc,mlp.proj", help="candidate matrices in every block"),
+    matrices: str = typer.Option("", help="comma-separated candidate matrices in every block (default: the model "
+                                          "family's: gpt attn.qkv,attn.proj,mlp.fc,mlp.proj; llama attn.wq..mlp.w3; "
+                                          "lstm lstm.ih,lstm.hh)"),
     n_grad: int = typer.Option(1024, help="samples for the pruning gradient"),
     n_eval: int = typer.Option(500, help="samples per evaluation set"),
     seed: int = typer.Option(0),

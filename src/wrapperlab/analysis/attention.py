@@ -15,20 +15,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wrapperlab.analysis.common import AnalysisError, Result
-from wrapperlab.models.transformer import Transformer
+from wrapperlab.analysis.common import AnalysisError, Result, need
 
 
 @torch.no_grad()
-def attention_patterns(model: Transformer, tokens: np.ndarray, layers: list[int] | None = None,
+def attention_patterns(model, tokens: np.ndarray, layers: list[int] | None = None,
                        batch_size: int = 256) -> np.ndarray:
     """Attention patterns, shape (n, layers, heads, query, key), float32."""
-    n_layer = model.cfg.n_layer
+    comp = need(model, "attention")
+    n_layer = comp.n_layer
     layers = list(range(n_layer)) if layers is None else list(layers)
     bad = [lay for lay in layers if not 0 <= lay < n_layer]
     if bad:
         raise AnalysisError(f"layers: {bad} out of range (the model has layers 0..{n_layer - 1})")
-    names = [f"blocks.{lay}.attn.hook_pattern" for lay in layers]
+    names = [comp.attention[lay] for lay in layers]
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -41,7 +41,7 @@ def attention_patterns(model: Transformer, tokens: np.ndarray, layers: list[int]
     return np.concatenate(out)
 
 
-def attention(model: Transformer, tokens: np.ndarray, *, vocab=None, query: int = -1,
+def attention(model, tokens: np.ndarray, *, vocab=None, query: int = -1,
               layers: list[int] | None = None, average: bool | None = None) -> Result:
     """Attention maps of ``tokens`` ((n, t) ids; the caller truncates after the position of interest).
     ``query`` is the query position summarised in the rows (default the last: the ART position when tokens end
@@ -52,7 +52,7 @@ def attention(model: Transformer, tokens: np.ndarray, *, vocab=None, query: int 
     pat = attention_patterns(model, tokens, layers)
     n, n_l, n_h, t, _ = pat.shape
     q = query % t
-    layer_ids = list(range(model.cfg.n_layer)) if layers is None else list(layers)
+    layer_ids = list(range(pat.shape[1])) if layers is None else list(layers)
     rows = []
     names = (lambda i: vocab.tokens[int(i)]) if vocab is not None else (lambda i: str(int(i)))
     uniq = np.unique(tokens)
@@ -84,6 +84,7 @@ def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
     total-variation distance between its attention rows and the compiled model's on the same inputs (1 = same).
     One row; ``meta`` holds the program, LR and c_train of the run."""
     from wrapperlab.analysis.evaluate import load_run
+    from wrapperlab.models.tracr import load as load_compiled
 
     cfg, task, model, _ = load_run(run_dir)
     b = task.sample(n, np.random.default_rng(seed), operand=cfg.task.o_pt)
@@ -96,6 +97,6 @@ def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
         row = {"attn_a": mass_on(res, 1, 0, cfg.task.o_pt), "attn_b": mass_on(res, 1, 0, cfg.task.o_ft)}
         return Result("attention_signature", [row], meta)
     ft = attention_patterns(model, b.tokens, layers=[0])[:, 0, 0]
-    pt = attention_patterns(task.compiled.build(), b.tokens, layers=[0])[:, 0, 0]
+    pt = attention_patterns(load_compiled(cfg.task.program).build(), b.tokens, layers=[0])[:, 0, 0]
     tv = 0.5 * np.abs(ft - pt).sum(-1)[:, 1:].mean()  # query rows after BOS
     return Result("attention_signature", [{"sort_intact": float(1 - tv)}], meta)

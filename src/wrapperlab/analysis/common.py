@@ -23,6 +23,17 @@ class AnalysisError(ValueError):
     """A problem with an analysis request, reported to the user as one line."""
 
 
+def need(model, component: str):
+    """The model's named components (``models.registry``), after checking it has ``component``: an analysis calls
+    this before any work, so a model without it fails at once with one line ("lstm has no attention pattern")."""
+    from wrapperlab.models.registry import ComponentError, require
+
+    try:
+        return require(model, component)
+    except ComponentError as e:
+        raise AnalysisError(str(e)) from None
+
+
 @dataclass
 class Result:
     tool: str

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wrapperlab.analysis.common import AnalysisError, Result
+from wrapperlab.analysis.common import AnalysisError, Result, need
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def probe_layers(n_layer: int) -> list[tuple[str, str]]:
 @torch.no_grad()
 def pooled_residuals(model, tokens: torch.Tensor, last: int = 10, batch: int = 64) -> torch.Tensor:
     """Mean residual over the last ``last`` positions at every probed layer: (n_layers, n, d_model), fp32."""
-    names = [h for _, h in probe_layers(model.cfg.n_layer)]
+    names = [h for _, h in probe_layers(need(model, "residual").n_layer)]
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -106,9 +106,10 @@ def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, token
                                torch.from_numpy(y_test), s)
     rate = y_test.mean(0)
     rows = []
-    for i, (name, _) in enumerate(probe_layers(model.cfg.n_layer)):
+    n_layer = need(model, "residual").n_layer
+    for i, (name, _) in enumerate(probe_layers(n_layer)):
         for j, feat in enumerate(features):
             rows.append({"model": label, "layer": name, "layer_index": i, "feature": feat, "acc": float(acc[i, j]),
                          "base_rate": float(max(rate[j], 1 - rate[j])), "n_test": int(y_test.shape[0])})
     return Result("feature_probe", rows, {"settings": asdict(s), "pooling": f"mean of the last {s.last} positions",
-                                          "layers": [n for n, _ in probe_layers(model.cfg.n_layer)]})
+                                          "layers": [n for n, _ in probe_layers(n_layer)]})

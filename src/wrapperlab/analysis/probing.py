@@ -31,9 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wrapperlab.analysis.common import AnalysisError, Result, ancestor
+from wrapperlab.analysis.common import AnalysisError, Result, ancestor, need
 from wrapperlab.analysis.evaluate import load_run
-from wrapperlab.models.transformer import Transformer
 from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.training.evaluation import majority_rate
 from wrapperlab.training.stage import build_model
@@ -71,23 +70,23 @@ class ProbeSettings:
         return self
 
 
-def layer_names(n_layer: int) -> list[tuple[str, str]]:
-    """(label, hook name) for B0 (embedding output) … B{n_layer}."""
-    return [("B0", "blocks.0.hook_resid_pre")] + [(f"B{i + 1}", f"blocks.{i}.hook_resid_post")
-                                                  for i in range(n_layer)]
+def layer_names(model) -> list[tuple[str, str]]:
+    """(label, hook name) of the probed residual stream: B0 (input of block 0) … B{n_layer} (any model family)."""
+    return need(model, "residual").residual
 
 
 @torch.no_grad()
-def residual_features(model: Transformer, tokens: np.ndarray, position: int, batch_size: int = 512) -> torch.Tensor:
+def residual_features(model, tokens: np.ndarray, position: int, batch_size: int = 512) -> torch.Tensor:
     """Residual stream at ``position`` for every probed layer: a (n_layers + 1, n, d_model) float tensor.
     For a causal model ``tokens`` is truncated after ``position`` (later tokens cannot matter)."""
-    names = [h for _, h in layer_names(model.cfg.n_layer)]
+    comp = need(model, "residual")
+    names = [h for _, h in comp.residual]
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     parts = []
     for i in range(0, tokens.shape[0], batch_size):
-        x = tokens[i:i + batch_size, :position + 1] if model.cfg.causal else tokens[i:i + batch_size]
+        x = tokens[i:i + batch_size, :position + 1] if comp.causal else tokens[i:i + batch_size]
         _, cache = model.run_with_cache(torch.from_numpy(x).to(device), names_filter=names, positions=position)
         parts.append(torch.stack([cache[n][:, position] for n in names]).float().cpu())
     model.train(was)
@@ -126,7 +125,7 @@ def _data(task: PCFGTask, family: str, operand: str, n: int, c: float, seed: int
     return task.sample(n, np.random.default_rng([seed, salt, ord(operand)]), family=family, operand=operand, c=c)
 
 
-def probe(model: Transformer, task: PCFGTask, *, family: str = "count", operands: dict[str, str] | None = None,
+def probe(model, task: PCFGTask, *, family: str = "count", operands: dict[str, str] | None = None,
           settings: ProbeSettings | None = None, label: str = "model") -> Result:
     """Per-layer probe accuracy for each target. ``operands`` maps a target name to an operand (default
     ``{"O_PT": o_pt, "O_FT": o_ft}``). Rows: model, layer, layer_index, target, operand, acc, majority."""
@@ -134,14 +133,14 @@ def probe(model: Transformer, task: PCFGTask, *, family: str = "count", operands
     cfg = task.config
     operands = operands or {"O_PT": cfg.o_pt, "O_FT": cfg.o_ft}
     pos = task.readout_pos
-    layers = layer_names(model.cfg.n_layer)
+    layers = layer_names(model)
     rows = []
     for target, op in operands.items():
         tr = _data(task, family, op, s.n_train, s.c_test, s.seed, 1)
         te = _data(task, family, op, s.n_test, s.c_test, s.seed, 2)
         acc = train_probes(residual_features(model, tr.tokens, pos), torch.from_numpy(tr.answer),
                            residual_features(model, te.tokens, pos), torch.from_numpy(te.answer),
-                           model.head.out_features, s)
+                           len(task.output_names), s)
         maj = majority_rate(te.answer)
         for i, (name, _) in enumerate(layers):
             rows.append({"model": label, "layer": name, "layer_index": i, "target": target, "operand": op,

@@ -27,27 +27,23 @@ that is only a collapse onto one class shows up there, and cannot exceed the set
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wrapperlab.analysis.common import AnalysisError, Result
-from wrapperlab.models.transformer import Transformer
+from wrapperlab.analysis.common import AnalysisError, Result, need
+from wrapperlab.models.registry import Matrix
 from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets, predict
-
-DEFAULT_MATRICES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
-_PARAM = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 @dataclass(frozen=True)
 class PruneSettings:
     ks: tuple[int, ...] = tuple(range(16))  # Fig. 7: 0..15
     unit: str = "neuron"
-    matrices: tuple[str, ...] = DEFAULT_MATRICES
+    matrices: tuple[str, ...] = ()  # () = the model family's default (gpt: attn.qkv, attn.proj, mlp.fc, mlp.proj)
     n_grad: int = 1024
     n_eval: int = 500
     c_tests: tuple[float, ...] = (0.0, 1.0)
@@ -84,19 +80,18 @@ class Unit:
                 "index": list(self.index), "score": self.score}
 
 
-def _candidates(model: Transformer, matrices: tuple[str, ...]) -> list[tuple[str, int, str, str]]:
-    out = []
-    for name, _ in model.named_parameters():
-        m = _PARAM.match(name)
-        if m and m.group(2) in matrices:
-            out.append((name, int(m.group(1)), m.group(2), m.group(3)))
+def _candidates(model, matrices: tuple[str, ...]) -> list[Matrix]:
+    """The prunable matrices of the model's family named in ``matrices`` (its default set when empty)."""
+    comp = need(model, "matrices")
+    wanted = matrices or comp.default_matrices
+    out = [m for m in comp.matrices if m.name in wanted]
     if not out:
-        raise AnalysisError(f"matrices: none of {list(matrices)} is a linear map of this model "
-                            f"(choose from {', '.join(DEFAULT_MATRICES)})")
+        raise AnalysisError(f"matrices: none of {list(wanted)} is a prunable matrix of this {comp.family} model "
+                            f"(choose from {', '.join(comp.matrix_names)})")
     return out
 
 
-def pretraining_loss(model: Transformer, task: PCFGTask, family: str, n: int, seed: int) -> torch.Tensor:
+def pretraining_loss(model, task: PCFGTask, family: str, n: int, seed: int) -> torch.Tensor:
     """Mean answer cross-entropy on ``n`` fresh samples of (family, O_PT) at c = 0."""
     b = task.sample(n, np.random.default_rng([seed, 7]), family=family, operand=task.config.o_pt, c=0.0)
     device = next(model.parameters()).device
@@ -104,7 +99,7 @@ def pretraining_loss(model: Transformer, task: PCFGTask, family: str, n: int, se
     return F.cross_entropy(model(x, positions=task.readout), torch.from_numpy(b.answer).to(device))
 
 
-def saliency(model: Transformer, task: PCFGTask, *, family: str = "count", settings: PruneSettings | None = None,
+def saliency(model, task: PCFGTask, *, family: str = "count", settings: PruneSettings | None = None,
              top: int | None = None) -> tuple[list[Unit], int]:
     """The ``top`` highest-scoring candidate units (all if None), highest first — ties keep parameter order —
     and the number of candidates."""
@@ -118,23 +113,23 @@ def saliency(model: Transformer, task: PCFGTask, *, family: str = "count", setti
     chunks: list[torch.Tensor] = []
     meta: list[tuple[str, int, str, str, str | None, tuple[int, ...]]] = []  # name, block, matrix, kind, bias, shape
     with torch.no_grad():
-        for name, block, matrix, kind in _candidates(model, s.matrices):
-            p = params[name]
-            gw = (p.grad * p).double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
-            if s.unit == "weight":
+        for m in _candidates(model, s.matrices):
+            p = params[m.param]
+            gw = _grad_w(p)
+            if s.unit == "weight":  # every entry of the matrix, then of its bias (the parameter order)
                 chunks.append(gw.flatten())
-                meta.append((name, block, matrix, "weight" if kind == "weight" else "bias", None, tuple(p.shape)))
-            elif kind == "weight":
-                bias = name[:-len("weight")] + "bias"
+                meta.append((m.param, m.block, m.name, "weight", None, tuple(p.shape)))
+                if m.bias is not None:
+                    chunks.append(_grad_w(params[m.bias]).flatten())
+                    meta.append((m.bias, m.block, m.name, "bias", None, tuple(params[m.bias].shape)))
+            else:
                 rows = gw.sum(1)
-                if bias in params:
-                    bp = params[bias]
+                if m.bias is not None:
+                    bp = params[m.bias]
                     if bp.grad is not None:
                         rows = rows + (bp.grad * bp).double()
-                else:
-                    bias = None
                 chunks.append(rows)
-                meta.append((name, block, matrix, "row", bias, (p.shape[0],)))
+                meta.append((m.param, m.block, m.name, "row", m.bias, (p.shape[0],)))
     model.zero_grad(set_to_none=True)
     scores = torch.cat(chunks)
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -149,8 +144,12 @@ def saliency(model: Transformer, task: PCFGTask, *, family: str = "count", setti
     return units, int(scores.numel())
 
 
+def _grad_w(p: torch.Tensor) -> torch.Tensor:
+    return (p.grad * p).double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+
+
 @torch.no_grad()
-def zero_units(model: Transformer, units: list[Unit]) -> None:
+def zero_units(model, units: list[Unit]) -> None:
     params = dict(model.named_parameters())
     for u in units:
         if u.kind == "row":
@@ -161,7 +160,7 @@ def zero_units(model: Transformer, units: list[Unit]) -> None:
             params[u.param][u.index] = 0.0
 
 
-def prune(model: Transformer, task: PCFGTask, *, family: str = "count",
+def prune(model, task: PCFGTask, *, family: str = "count",
           settings: PruneSettings | None = None) -> Result:
     """Accuracy against K for the top-K pruned units. Rows: k, operand, target (O_PT/O_FT), c_test, acc,
     majority[, follows_spurious]. Side tables: ``units`` (the ranked units), ``histogram`` (predicted classes
@@ -191,6 +190,7 @@ def prune(model: Transformer, task: PCFGTask, *, family: str = "count",
             hist.append({"k": k, "class": names[int(t)], "count": int(c)})
     listed = [u.row(i + 1) for i, u in enumerate(units)]
     meta = {"settings": asdict(s), "family": family, "n_candidates": n_candidates,
+            "matrices": list(dict.fromkeys(m.name for m in _candidates(model, s.matrices))),
             "objective": f"CE of {family} {task.config.o_pt} (c=0), n={s.n_grad}"}
     return Result("prune", rows, meta, {"units": listed, "histogram": hist,
                                         "summary": prune_summary(rows, listed, max(s.ks))})

@@ -16,6 +16,7 @@ run with the same task, model and reFT recipe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,11 +72,24 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+@functools.lru_cache(maxsize=256)
+def _n_params(model_json: str) -> int:
+    """Parameters of a model config of any family (built on the meta device: no memory, no init)."""
+    import torch
+
+    from wrapperlab.models.registry import get_family
+
+    d = json.loads(model_json)
+    fam = get_family(d["family"])
+    with torch.device("meta"):
+        model = fam.build(fam.config.model_validate(d), max(d.get("vocab_size") or 0, 1), max(d.get("seq_len") or 0, 1))
+    return sum(p.numel() for p in model.parameters())
+
+
 def _run_cost(cfg) -> float:
     """~FLOPs of training and evaluation, in units of 1e9 (6 N tokens for a step, 2 N tokens per eval sample)."""
     m = cfg.model
-    per_layer = 4 * m.d_model * m.n_head * m.head_dim + 2 * m.d_model * m.mlp_dim
-    n_params = m.n_layer * per_layer + m.d_model * (max(m.vocab_size, 1) + (m.d_vocab_out or m.vocab_size))
+    n_params = _n_params(json.dumps(m.model_dump(mode="json"), sort_keys=True))
     seq = m.seq_len if cfg.is_tracr else cfg.task.window + 12
     train = 6 * n_params * cfg.train.steps * cfg.train.batch_size * seq
     n_evals = cfg.train.steps // cfg.eval.every + 1

@@ -66,12 +66,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from wrapperlab.models.registry import Components, ModelFamily, register, residual_hooks, row_matrices
 from wrapperlab.models.transformer import HookedModel, HookPoint, _maybe, attend
 
 
@@ -80,6 +82,7 @@ class LlamaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    family: Literal["llama"] = "llama"
     vocab_size: int = Field(8192, ge=1)
     seq_len: int = Field(1024, ge=1, description="maximum context (llama2.c max_seq_len); RoPE tables cover it")
     d_model: int = Field(768, ge=1)
@@ -261,6 +264,8 @@ class TiedHead(nn.Module):
 class LlamaTransformer(HookedModel, nn.Module):
     """llama2.c's decoder with ``Transformer``'s hook points and API (see the module docstring)."""
 
+    family = "llama"
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -330,6 +335,21 @@ class LlamaTransformer(HookedModel, nn.Module):
         for block, c in zip(self.blocks, cache):
             x = block(x, cos, sin, c)
         return self.head(self.ln_final(x[:, -1]))
+
+
+LLAMA_MATRICES = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3")
+
+
+def _components(model: LlamaTransformer) -> Components:
+    n = model.cfg.n_layer
+    return Components("llama", n, True, residual_hooks(n), [f"blocks.{i}.attn.hook_pattern" for i in range(n)],
+                      row_matrices(model, {m: m for m in LLAMA_MATRICES}), LLAMA_MATRICES)
+
+
+FAMILY = register(ModelFamily(
+    "llama", LlamaConfig,
+    lambda cfg, vocab, seq: LlamaTransformer(cfg.model_copy(update={"vocab_size": vocab, "seq_len": seq})),
+    _components, "llama2.c decoder: RoPE, RMSNorm, SwiGLU, tied head"))
 
 
 # ----------------------------------------------------------------------------------------------- sampling

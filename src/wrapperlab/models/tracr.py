@@ -25,25 +25,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
 from wrapperlab.fileio import IntegrityError, read_verified_tensors
-from wrapperlab.models.transformer import ModelConfig, Transformer
-
-BOS, PAD = "BOS", "PAD"  # tracr's compiler_bos / compiler_pad names used throughout wrapperlab
-FORMAT = "wrapperlab-tracr/1"
-SHIPPED = ("counter", "max-identifier")
-
-
-class TracrError(ValueError):
-    """A Tracr problem reported as one line (missing extra, unknown program, bad or foreign file)."""
+from wrapperlab.models.registry import ModelFamily, register
+from wrapperlab.models.transformer import ModelConfig, Transformer, gpt_components
+from wrapperlab.tasks.tracr_programs import (  # noqa: F401  (re-exported: the program files' format lives there)
+    BOS,
+    FORMAT,
+    PAD,
+    SHIPPED,
+    TracrError,
+    TracrMeta,
+    _jsonable,
+    read_program,
+    shipped_dir,
+)
 
 
 def require_tracr() -> None:
@@ -193,59 +196,15 @@ def compile_program(spec: ProgramSpec, mlp_exactness: int | None = None):
                                            mlp_exactness=mlp_exactness or spec.mlp_exactness)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    return v
+class TracrModelConfig(ModelConfig):
+    """The shape of a compiled program: ``Transformer``'s config, family ``tracr``."""
 
-
-@dataclass
-class TracrMeta:
-    """What the weights mean: vocabularies, output kind, the label of every residual dimension."""
-
-    program: str
-    input_vocab: list  # token id -> value (BOS and PAD included)
-    output_vocab: list | None  # output class id -> value; None for a numerical output
-    max_seq_len: int  # RASP tokens, BOS excluded
-    causal: bool
-    residual_labels: list[str]
-    compiler: dict = field(default_factory=dict)
-
-    @property
-    def categorical(self) -> bool:
-        return self.output_vocab is not None
-
-    @property
-    def bos_id(self) -> int:
-        return self.input_vocab.index(BOS)
-
-    @property
-    def pad_id(self) -> int:
-        return self.input_vocab.index(PAD)
-
-    def encode(self, tokens: list) -> list[int]:
-        ids = {_key(v): i for i, v in enumerate(self.input_vocab)}
-        out = []
-        for t in [BOS, *tokens]:
-            if _key(t) not in ids:
-                raise TracrError(f"token {t!r} is not in program {self.program!r}'s vocabulary")
-            out.append(ids[_key(t)])
-        if len(out) > self.max_seq_len + 1:
-            raise TracrError(f"input of {len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}")
-        return out
-
-
-def _key(v: Any) -> str:
-    return json.dumps(_jsonable(v))
+    family: Literal["tracr"] = "tracr"  # type: ignore[assignment]
 
 
 @dataclass
 class CompiledModel:
-    config: ModelConfig
+    config: TracrModelConfig
     state: dict[str, torch.Tensor]
     meta: TracrMeta
 
@@ -281,7 +240,7 @@ def convert(assembled, program: str, compiler: dict | None = None) -> CompiledMo
     tok, pos = p["token_embed"]["embeddings"], p["pos_embed"]["embeddings"]
     d_model = tok.shape[1]
     unembed = _unembed_matrix(assembled)
-    cfg = ModelConfig(vocab_size=tok.shape[0], seq_len=pos.shape[0], d_model=d_model, n_layer=mc.num_layers,
+    cfg = TracrModelConfig(vocab_size=tok.shape[0], seq_len=pos.shape[0], d_model=d_model, n_layer=mc.num_layers,
                       n_head=mc.num_heads, d_head=mc.key_size, d_mlp=mc.mlp_hidden_size, norm="none", act="relu",
                       causal=bool(mc.causal), bias=True, d_vocab_out=unembed.shape[1])
     t = torch.from_numpy
@@ -381,32 +340,15 @@ def save(cm: CompiledModel, directory: str | Path) -> Path:
     return directory / f"{stem}.json"
 
 
-def shipped_dir() -> Path:
-    return Path(str(resources.files("wrapperlab") / "data" / "tracr"))
-
-
 def load(name_or_path: str | Path) -> CompiledModel:
     """A shipped program by name (``counter``, ``max-identifier``) or a ``.json`` written by ``save``."""
-    p = Path(name_or_path)
-    if p.suffix != ".json":
-        if str(name_or_path) not in SHIPPED:
-            raise TracrError(f"no shipped compiled model named {str(name_or_path)!r}; shipped: {', '.join(SHIPPED)} "
-                             f"(or give a .json written by 'wrapperlab tracr compile')")
-        p = shipped_dir() / f"{_stem(str(name_or_path))}.json"
-    if not p.is_file():
-        raise TracrError(f"{p}: no such compiled-model file")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TracrError(f"{p}: not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise TracrError(f"{p}: not a {FORMAT} file")
+    p, doc = read_program(name_or_path)
     try:
         state = read_verified_tensors(p.with_suffix(".safetensors"), doc.get("sha256"))
     except IntegrityError as e:
         raise TracrError(str(e)) from None
     try:
-        cfg = ModelConfig.model_validate(doc["model"])
+        cfg = TracrModelConfig.model_validate({**doc["model"], "family": "tracr"})
         meta = TracrMeta(**doc["meta"])
     except Exception as e:  # pydantic and dataclass construction raise their own types
         raise TracrError(f"{p}: unreadable compiled model ({e.__class__.__name__})") from None
@@ -506,3 +448,23 @@ def diff_compiled(a: CompiledModel, b: CompiledModel) -> list[str]:
         elif a.state[k].shape != b.state[k].shape or not torch.equal(a.state[k], b.state[k]):
             out.append(f"tensor {k} differs")
     return out
+
+
+@torch.no_grad()
+def compiled_start(task_cfg, seed: int) -> Transformer:
+    """The compiled program as the starting point of a fine-tune (paper App. C.1): tracr's weights,
+    function-preservingly rebalanced (``task.balance``), plus N(0, init_noise²) on every weight (seeded)."""
+    model = load(task_cfg.program).build().train()
+    if task_cfg.balance:
+        balance(model)
+    if task_cfg.init_noise > 0:
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * task_cfg.init_noise)
+    return model
+
+
+FAMILY = register(ModelFamily(
+    "tracr", TracrModelConfig, lambda cfg, vocab, seq: Transformer(cfg), gpt_components,
+    "a compiled RASP program ported to Transformer (no LayerNorm, ReLU, non-causal)", default_for_tasks=("tracr",),
+    shape_from_task=lambda task_cfg: load(task_cfg.program).config, pretrained=compiled_start))

@@ -31,12 +31,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from wrapperlab.models.registry import Components, ModelFamily, register, residual_hooks, row_matrices
+
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    family: Literal["gpt"] = "gpt"
     vocab_size: int = Field(0, ge=0, description="0 = taken from the task")
     d_vocab_out: int | None = Field(None, ge=1, description="output classes; default vocab_size (Tracr ports "
                                                             "unembed to the program's own output space)")
@@ -247,6 +250,7 @@ class Transformer(HookedModel, nn.Module):
         if cfg.vocab_size < 1 or cfg.seq_len < 1:
             raise ValueError("ModelConfig.vocab_size and seq_len must be set (>= 1) before building a model")
         self.cfg = cfg
+        self.family = cfg.family  # gpt, or a family that reuses this class (tracr)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
@@ -288,3 +292,22 @@ class Transformer(HookedModel, nn.Module):
             x = x[:, positions]
         return self.head(self.ln_final(x))
 
+
+
+GPT_MATRICES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+def gpt_components(model: Transformer) -> Components:
+    """Components of ``Transformer`` (shared by the families that reuse the class): a neuron is a row of
+    ``attn.qkv`` (one query/key/value dimension of one head), ``attn.proj``, ``mlp.fc`` (one MLP hidden neuron) or
+    ``mlp.proj``, with its bias entry."""
+    n = model.cfg.n_layer
+    return Components(model.family, n, model.cfg.causal, residual_hooks(n),
+                      [f"blocks.{i}.attn.hook_pattern" for i in range(n)],
+                      row_matrices(model, {m: m for m in GPT_MATRICES}), GPT_MATRICES)
+
+
+FAMILY = register(ModelFamily(
+    "gpt", ModelConfig,
+    lambda cfg, vocab, seq: Transformer(cfg.model_copy(update={"vocab_size": vocab, "seq_len": seq})),
+    gpt_components, "minGPT-style decoder: learned positions, pre-LayerNorm, GELU MLP, untied head"))

@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wrapperlab.models.tracr import BOS, PAD, CompiledModel, TracrMeta, load
 from wrapperlab.tasks.task import Batch
+from wrapperlab.tasks.tracr_programs import BOS, PAD, TracrMeta, program_meta
 
 READOUT = 2  # sequence position of RASP index 1
 
@@ -66,7 +66,7 @@ class TracrTaskConfig(BaseModel):
 
     @property
     def seq_len(self) -> int:
-        return load(self.program).config.seq_len
+        return program_meta(self.program).max_seq_len + 1
 
 
 def _check_operand(program: str, op: str, name: str) -> None:
@@ -112,8 +112,8 @@ class TracrTask:
 
     def __init__(self, config: TracrTaskConfig | None = None):
         self.config = config or TracrTaskConfig()
-        self.compiled: CompiledModel = load(self.config.program)
-        self.vocab = TracrVocab(self.compiled.meta)
+        self.meta: TracrMeta = program_meta(self.config.program)
+        self.vocab = TracrVocab(self.meta)
         self.family = self.config.program
         self.spurious_families = (self.family,)
         self._letter_ids = np.array([self.vocab.id(c) for c in "abcdefghijklmnopqrstuvwxyz"
@@ -121,7 +121,7 @@ class TracrTask:
 
     @property
     def seq_len(self) -> int:
-        return self.compiled.config.seq_len
+        return self.meta.max_seq_len + 1
 
     @property
     def output_names(self) -> list[str]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from wrapperlab.models.registry import default_family
+from wrapperlab.models.registry import families as model_families
 from wrapperlab.models.transformer import ModelConfig
 from wrapperlab.tasks.families import FAMILIES, get_family
 from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
@@ -101,13 +103,22 @@ TaskSpec = Annotated[Annotated[TaskConfig, Tag("pcfg")] | Annotated[TracrTaskCon
                      Discriminator(_task_kind)]
 
 
+def _model_family(v: Any) -> str:
+    return (v.get("family") if isinstance(v, dict) else getattr(v, "family", None)) or "gpt"
+
+
+# every registered model family's config, told apart by ``model.family``
+ModelSpec = Annotated[Union[tuple(Annotated[f.config, Tag(name)] for name, f in model_families().items())],  # noqa: UP007
+                      Discriminator(_model_family)]
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: Literal["pretrain", "finetune", "reft", "scratch", "scratch+ft"]
     preset: str = "cpu"
     task: TaskSpec = Field(default_factory=TaskConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelSpec = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parent: str | None = Field(None, description="run directory this stage starts from")
@@ -120,6 +131,14 @@ class RunConfig(BaseModel):
         if v != "cpu" and not v.startswith("cuda"):
             raise ValueError(f"device must be cpu or cuda[:N], got {v!r}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_family(cls, data: Any) -> Any:
+        """A config that names no model family gets its task kind's default (gpt; tracr for Tracr tasks)."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and not data["model"].get("family"):
+            data = {**data, "model": {**data["model"], "family": default_family(_task_kind(data.get("task") or {}))}}
+        return data
 
     @property
     def is_tracr(self) -> bool:
@@ -183,6 +202,8 @@ class RunConfig(BaseModel):
             d["train"].pop("precision")
         if d["model"].get("d_vocab_out") is None:
             d["model"].pop("d_vocab_out", None)
+        if d["model"]["family"] == default_family(self.task.kind):
+            d["model"].pop("family")
         return d
 
     def run_id(self, parent_id: str | None = None) -> str:
@@ -272,8 +293,9 @@ def load_yaml(path: str | Path) -> dict:
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     parts = [str(x) for x in err["loc"] if not str(x).startswith("function-after")]
-    if parts[:2] in (["task", "pcfg"], ["task", "tracr"]):  # the task union's tag is not a field
-        del parts[1]
+    if parts[:2] in (["task", "pcfg"], ["task", "tracr"]) or (parts[:1] == ["model"] and len(parts) > 1
+                                                             and parts[1] in model_families()):
+        del parts[1]  # a union's tag is not a field
     loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
@@ -283,6 +305,9 @@ def _first_error(e: ValidationError) -> str:
 
 def validate(raw: dict) -> RunConfig:
     """Validate a raw config dict (keys starting with '_' are build_config's bookkeeping and are ignored)."""
+    fam = (raw.get("model") or {}).get("family") if isinstance(raw.get("model"), dict) else None
+    if fam is not None and fam not in model_families():
+        raise ConfigError(f"model.family: unknown model family {fam!r}; choose from {', '.join(model_families())}")
     try:
         return RunConfig.model_validate({k: v for k, v in raw.items() if not str(k).startswith("_")})
     except ValidationError as e:
@@ -321,6 +346,10 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
             raw.setdefault("_notes", []).append(f"{key}={adjust[section][field]} (preset default for this prior)")
     if extra:
         raw = deep_merge(raw, extra)
+    fam = model_families().get(str((raw.get("model") or {}).get("family")))
+    if fam is not None:  # presets are written for the gpt family: drop what another family has no field for
+        for key in [k for k in raw["model"] if k not in fam.config.model_fields and f"model.{k}" not in explicit]:
+            raw["model"].pop(key)
     lr = raw.get("train", {}).get("lr")
     if isinstance(lr, str):
         table = named_lrs(raw.get("preset", preset))

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wrapperlab.models.registry import default_family, get_family
+from wrapperlab.models.registry import families as model_families
 from wrapperlab.models.transformer import Transformer
 from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.tasks.tracr_tasks import TracrTask
 from wrapperlab.training import checkpoint as ck
-from wrapperlab.training.config import ConfigError, RunConfig, validate
+from wrapperlab.training.config import ConfigError, RunConfig, _task_kind, validate
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
 from wrapperlab.training.schedules import lr_at
 
@@ -85,14 +87,14 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
                               f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper App. D)")
     else:
-        if (raw.get("task") or {}).get("kind") == "tracr":  # the model is the compiled program's
+        fam = model_families().get((raw.get("model") or {}).get("family")
+                                   or default_family(_task_kind(raw.get("task") or {})))
+        if fam is not None and fam.shape_from_task is not None:  # e.g. a compiled program's shape
             for key in sorted(explicit):
                 if key.startswith("model."):
-                    raise ConfigError(f"{key}: a Tracr model's shape is fixed by its compiled program")
-            prog = raw["task"].get("program", "counter")
-            if prog in ("counter", "max-identifier"):
-                from wrapperlab.models.tracr import load as load_compiled
-                raw["model"] = load_compiled(prog).config.model_dump(mode="json")
+                    raise ConfigError(f"{key}: a {fam.name} model's shape is fixed by its task")
+            task_cfg = validate({**raw, "model": {}}).task
+            raw["model"] = fam.shape_from_task(task_cfg).model_dump(mode="json")
         cfg = validate(raw)
     # the (family, operand) each single-task stage trains on, when not given
     if cfg.is_tracr and cfg.train.family is None:
@@ -108,28 +110,9 @@ def make_task(cfg: RunConfig) -> PCFGTask | TracrTask:
     return TracrTask(cfg.task) if cfg.is_tracr else PCFGTask(cfg.task)
 
 
-def build_model(cfg: RunConfig, task: PCFGTask | TracrTask) -> Transformer:
-    """A freshly initialised model of the run's shape (a Tracr task fixes the shape to its compiled program's)."""
-    if isinstance(task, TracrTask):
-        return Transformer(task.compiled.config)
-    mc = cfg.model.model_copy(update={"vocab_size": len(task.vocab), "seq_len": task.seq_len})
-    return Transformer(mc)
-
-
-@torch.no_grad()
-def tracr_init(cfg: RunConfig, task: TracrTask) -> Transformer:
-    """The compiled program as the starting point of a Tracr fine-tune (paper App. C.1): tracr's weights,
-    function-preservingly rebalanced (``task.balance``), plus N(0, init_noise²) on every weight (seeded)."""
-    from wrapperlab.models.tracr import balance
-
-    model = task.compiled.build().train()
-    if cfg.task.balance:
-        balance(model)
-    if cfg.task.init_noise > 0:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * cfg.task.init_noise)
-    return model
+def build_model(cfg: RunConfig, task: PCFGTask | TracrTask) -> torch.nn.Module:
+    """A freshly initialised model of the run's family and shape (vocabulary and length from the task)."""
+    return get_family(cfg.model.family).build(cfg.model, len(task.vocab), task.seq_len)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -168,8 +151,9 @@ class Stage:
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg, self.task)
-        if self.parent is None and self.cfg.is_tracr and self.cfg.stage == "finetune":
-            model = tracr_init(self.cfg, self.task)
+        pretrained = get_family(self.cfg.model.family).pretrained
+        if self.parent is None and self.cfg.stage == "finetune" and pretrained is not None:
+            model = pretrained(self.cfg.task, self.cfg.train.seed)  # e.g. a compiled program (paper App. C.1)
         if self.parent is not None:
             _, tensors = ck.load_tensors(self.cfg.parent, self.parent)
             ck.load_model_state(model, ck.split_prefix(tensors, "model"), f"parent {self.cfg.parent}")

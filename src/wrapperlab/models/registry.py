@@ -1,0 +1,158 @@
+"""The model contract: every model family registers how to build it and which named components it exposes.
+
+A family (``gpt``, ``llama``, ``tracr``, ``lstm``, or one of yours) is a pydantic config class whose ``family``
+field is a literal, a ``build(config, vocab_size, seq_len)`` function, and a ``components(model)`` function that
+names, with TransformerLens hook names, what analyses may ask for:
+
+- ``residual``: the residual stream at the input of the first block and after every block, as (label, hook name)
+  pairs ``B0 … B{L}`` (the probes read these);
+- ``attention``: one ``hook_pattern`` per layer, or None when the family has no attention;
+- ``matrices``: the prunable matrices, whose units are rows (one output unit of a linear map, with its bias entry);
+- ``causal``: whether position t only sees positions ≤ t (lets analyses truncate inputs after the readout).
+
+An analysis asks for a component with :func:`require`; a model without it fails with one line ("lstm has no
+attention pattern") before any work. Families register themselves on import; :data:`BUILTIN` lists the modules
+imported on first use, so adding a family is its module plus one line there (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+BUILTIN = (
+    "wrapperlab.models.transformer",
+    "wrapperlab.models.llama",
+    "wrapperlab.models.tracr",
+    "wrapperlab.models.lstm",
+)
+
+
+class ComponentError(ValueError):
+    """A model lacks the component an analysis needs (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A prunable matrix: ``param`` is the weight's parameter name; its units are rows (``param[i]`` together with
+    ``bias[i]`` when ``bias`` names a bias). ``name`` is the short name users select (``attn.qkv``, ``lstm.ih``)."""
+
+    param: str
+    block: int
+    name: str
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class Components:
+    family: str
+    n_layer: int
+    causal: bool
+    residual: list[tuple[str, str]]
+    attention: list[str] | None
+    matrices: list[Matrix]
+    default_matrices: tuple[str, ...] = ()  # the matrix names pruned unless the user picks others
+
+    @property
+    def matrix_names(self) -> list[str]:
+        return list(dict.fromkeys(m.name for m in self.matrices))
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    config: type[BaseModel]
+    build: Callable[[BaseModel, int, int], object]  # (config, vocab_size, seq_len) -> nn.Module
+    components: Callable[[object], Components]
+    description: str = ""
+    default_for_tasks: tuple[str, ...] = field(default=())  # task kinds whose runs use this family by default
+    # a family whose shape is fixed by the task (a compiled program): task config -> the model config
+    shape_from_task: Callable[[object], BaseModel] | None = None
+    # a family that brings its own trained weights: (task config, seed) -> the model a parentless fine-tune starts from
+    pretrained: Callable[[object, int], object] | None = None
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_loaded = False
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    """Add a family (called at import time by the family's module)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in BUILTIN:
+            importlib.import_module(mod)
+
+
+def families() -> dict[str, ModelFamily]:
+    _load()
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    _load()
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; choose from {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def default_family(task_kind: str) -> str:
+    """The family a run of ``task_kind`` uses when its config names none (gpt unless a family claims the kind)."""
+    _load()
+    return next((f.name for f in _FAMILIES.values() if task_kind in f.default_for_tasks), "gpt")
+
+
+def family_of(model) -> ModelFamily:
+    """The registered family of a built model (its class attribute ``family``)."""
+    name = getattr(model, "family", None)
+    if name is None:
+        raise ComponentError(f"{type(model).__name__} is not a registered wrapperlab model family")
+    return get_family(name)
+
+
+def components(model) -> Components:
+    return family_of(model).components(model)
+
+
+WHAT = {"residual": "residual stream", "attention": "attention pattern", "matrices": "prunable matrices"}
+
+
+def require(model, component: str) -> Components:
+    """The model's components, after checking it has ``component`` (one line naming the family otherwise)."""
+    comp = components(model)
+    if component not in WHAT:
+        raise ValueError(f"unknown component {component!r}; choose from {', '.join(WHAT)}")
+    if not getattr(comp, component):
+        raise ComponentError(f"{comp.family} has no {WHAT[component]}")
+    return comp
+
+
+def residual_hooks(n_layer: int) -> list[tuple[str, str]]:
+    """B0 (input of block 0) … B{n_layer} (output of the last block), with the standard hook names."""
+    return [("B0", "blocks.0.hook_resid_pre")] + [(f"B{i + 1}", f"blocks.{i}.hook_resid_post")
+                                                  for i in range(n_layer)]
+
+
+def row_matrices(model, names: dict[str, str]) -> list[Matrix]:
+    """Every ``blocks.{l}.<path>.weight`` whose ``<path>`` is a key of ``names`` (mapped to its short name), with
+    the matching bias when the model has one, in parameter order."""
+    params = dict(model.named_parameters())
+    out = []
+    for pname in params:
+        parts = pname.split(".")
+        if len(parts) < 4 or parts[0] != "blocks" or not parts[1].isdigit():
+            continue
+        path, leaf = ".".join(parts[2:-1]), parts[-1]
+        if leaf == "weight" and path in names:
+            bias = pname[: -len("weight")] + "bias"
+            out.append(Matrix(pname, int(parts[1]), names[path], bias if bias in params else None))
+    return out
