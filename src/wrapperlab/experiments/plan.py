@@ -118,7 +118,7 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
         keys = by_group.setdefault(name, [])
         for pnode in parents:
             for point in g.points():
-                values = {**_defaults_for(spec.defaults, pnode is not None), **g.set, **point}
+                values = {**_defaults_for(spec.defaults, pnode), **g.set, **point}
                 values.setdefault("threads", threads)
                 values.setdefault("device", device)
                 if pnode is not None:
@@ -214,19 +214,20 @@ def _revival_nodes(nodes: dict[str, Node], ft: Node, settings: dict, runs_dir: P
     return keys
 
 
-def _defaults_for(defaults: dict, has_parent: bool) -> dict:
+def _defaults_for(defaults: dict, parent: Node | None) -> dict:
     """A spec's defaults for one run. A child inherits its parent's model and task shape, so the model keys and
-    the task keys it may not change apply to root groups only."""
+    the task keys it may not change (its task kind's ``inherited_keys``) apply to root groups only."""
+    from wrapperlab.tasks.registry import get_task_kind
     from wrapperlab.training.config import SHORTCUTS
-    from wrapperlab.training.stage import INHERITED_TASK_KEYS
 
-    if not has_parent:
+    if parent is None:
         return dict(defaults)
+    inherited = get_task_kind(parent.side["config"]["task"].get("kind", "pcfg")).inherited_keys
     out = {}
     for k, v in defaults.items():
         path = SHORTCUTS.get(k, k)
         section, _, rest = path.partition(".")
-        if section == "model" or (section == "task" and rest.split(".")[0] not in INHERITED_TASK_KEYS):
+        if section == "model" or (section == "task" and rest.split(".")[0] not in inherited):
             continue
         out[k] = v
     return out

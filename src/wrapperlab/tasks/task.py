@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from wrapperlab.tasks.families import FAMILIES, get_family
 from wrapperlab.tasks.pcfg import PAPER_GRAMMAR, PCFGSampler
 from wrapperlab.tasks.priors import resolve_prior
+from wrapperlab.tasks.registry import TaskKind, operand_eval_specs, register
 from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES, edit_count, edit_index
 from wrapperlab.tasks.vocab import ART, EOT, FAMILY_TOKENS, NULL, PAD, SOS, SOT, Vocab
 
@@ -159,6 +160,21 @@ class PCFGTask:
     @property
     def output_names(self) -> list[str]:
         return self.vocab.tokens
+
+    def eval_specs(self, family: str, c_tests: list[float], all_families: bool) -> list[tuple[str, str | None, float]]:
+        """O_PT/O_FT of ``family`` at every c_test; with ``all_families`` also each family at c_test = 0 (the
+        pretraining columns of the paper's tables)."""
+        cfg = self.config
+        specs = operand_eval_specs(self, family, c_tests)
+        if all_families:
+            for fam, f in FAMILIES.items():
+                for op in ((cfg.o_pt, cfg.o_ft) if f.uses_operand else (None,)):
+                    if (fam, op, 0.0) not in specs:
+                        specs.append((fam, op, 0.0))
+        return specs
+
+    def probe_targets(self) -> dict[str, str]:
+        return {"O_PT": self.config.o_pt, "O_FT": self.config.o_ft}
 
     def spurious_answer(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """(answer id of r(x, O_PT) + q, whether that number is in the vocabulary)."""
@@ -307,3 +323,29 @@ class PCFGTask:
             order = np.argsort(seq != self._pad, axis=1, kind="stable")
             seq = np.take_along_axis(seq, order, axis=1)
         return seq
+
+
+def _check_run(stage: str, parent: str | None, train, ev, task: TaskConfig) -> None:
+    """The rules of PCFG runs (paper §4, App. C.2): a known family and operand; fine-tuning and reFT start from a
+    trained run, pretraining from scratch; a spurious correlation exists only for count and index-of-occurrence."""
+    for name, fam in (("train.family", train.family), ("eval.family", ev.family)):
+        if fam is not None:
+            try:
+                get_family(fam)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    if train.operand is not None and train.operand not in TERMINALS:
+        raise ValueError(f"train.operand: unknown operand {train.operand!r}; choose from {', '.join(TERMINALS)}")
+    if stage in ("finetune", "reft", "scratch+ft") and not parent:
+        need = {"finetune": "a finished pretrain run", "reft": "a finished finetune run",
+                "scratch+ft": "a finished scratch run"}[stage]
+        raise ValueError(f"parent: {stage} needs parent=RUN_DIR ({need})")
+    if stage == "pretrain" and parent:
+        raise ValueError("parent: pretrain starts from scratch; remove parent=")
+    if train.c_train > 0 and train.family not in SPURIOUS_FAMILIES:
+        raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
+
+
+KIND = register(TaskKind("pcfg", TaskConfig, PCFGTask, _check_run, lambda cfg: "count",
+                         ("q", "o_pt", "o_ft", "prior", "families"),
+                         "the paper's PCFG: five counting/indexing families over a probabilistic grammar"))

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from wrapperlab.tasks.registry import TaskKind, operand_eval_specs, register
 from wrapperlab.tasks.task import Batch
 from wrapperlab.tasks.tracr_programs import BOS, PAD, TracrMeta, program_meta
 
@@ -183,6 +184,12 @@ class TracrTask:
                      [self.family] * n, [operand] * n, np.zeros(n, dtype=np.int64), spurious,
                      np.zeros(n, dtype=np.int64), text=letters if keep_source else None, rejected=rejected)
 
+    def eval_specs(self, family: str, c_tests: list[float], all_families: bool) -> list[tuple[str, str | None, float]]:
+        return operand_eval_specs(self, family, c_tests)  # one family: the program
+
+    def probe_targets(self) -> dict[str, str]:
+        return {"O_PT": self.config.o_pt, "O_FT": self.config.o_ft}
+
     def spurious_answer(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """(answer id of r(x, O_PT) + q, whether that value exists) — what a model that learned the spurious rule
         answers."""
@@ -194,3 +201,25 @@ class TracrTask:
             ok = (target >= 0) & (target < 26)
             ids = [self.vocab.out_id(chr(97 + int(v))) if k else 0 for v, k in zip(target, ok)]
         return np.array(ids, dtype=np.int64), ok
+
+
+def _check_run(stage: str, parent: str | None, train, ev, task: TracrTaskConfig) -> None:
+    """Tracr runs (paper App. C.1): the compiled program is the pretrained model, so a finetune without a parent
+    starts from it; there is no pretrain stage, and the loss is on the answer only."""
+    prog = task.program
+    if stage == "pretrain":
+        raise ValueError("stage: a Tracr task has no pretrain stage (the compiled program is the pretrained "
+                         "model); use finetune")
+    if stage in ("reft", "scratch+ft") and not parent:
+        raise ValueError(f"parent: {stage} needs parent=RUN_DIR")
+    for name, fam in (("train.family", train.family), ("eval.family", ev.family)):
+        if fam not in (None, prog):
+            raise ValueError(f"{name}: the {prog} task has no family {fam!r}")
+    if train.loss != "answer":
+        raise ValueError("train.loss: Tracr programs are trained on the answer only (loss=answer)")
+    if train.operand is not None:
+        _check_operand(prog, train.operand, "train.operand")
+
+
+KIND = register(TaskKind("tracr", TracrTaskConfig, TracrTask, _check_run, lambda cfg: cfg.program,
+                         ("q", "o_pt", "o_ft"), "a compiled Tracr program (Counter, Max-identifier)"))

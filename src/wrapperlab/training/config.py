@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -16,10 +17,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from wrapperlab.models.registry import default_family
 from wrapperlab.models.registry import families as model_families
 from wrapperlab.models.transformer import ModelConfig
-from wrapperlab.tasks.families import FAMILIES, get_family
-from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES
+from wrapperlab.tasks.families import FAMILIES
+from wrapperlab.tasks.registry import get_task_kind, task_kinds
 from wrapperlab.tasks.task import TaskConfig
-from wrapperlab.tasks.tracr_tasks import TracrTaskConfig
 from wrapperlab.training.presets import STAGES, named_lrs, preset_dict, prior_adjustments
 
 SHORTCUTS = {
@@ -99,7 +99,8 @@ def _task_kind(v: Any) -> str:
     return (v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)) or "pcfg"
 
 
-TaskSpec = Annotated[Annotated[TaskConfig, Tag("pcfg")] | Annotated[TracrTaskConfig, Tag("tracr")],
+# every registered task kind's config, told apart by ``task.kind``
+TaskSpec = Annotated[Union[tuple(Annotated[k.config, Tag(name)] for name, k in task_kinds().items())],  # noqa: UP007
                      Discriminator(_task_kind)]
 
 
@@ -146,44 +147,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        t = self.train
-        if self.is_tracr:
-            return self._check_tracr()
-        for name, fam in (("train.family", t.family), ("eval.family", self.eval.family)):
-            if fam is not None:
-                try:
-                    get_family(fam)
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from None
-        if t.operand is not None and t.operand not in ("a", "b", "c"):
-            raise ValueError(f"train.operand: unknown operand {t.operand!r}; choose from a, b, c")
-        if self.stage in ("finetune", "reft", "scratch+ft") and not self.parent:
-            need = {"finetune": "a finished pretrain run", "reft": "a finished finetune run",
-                    "scratch+ft": "a finished scratch run"}[self.stage]
-            raise ValueError(f"parent: {self.stage} needs parent=RUN_DIR ({need})")
-        if self.stage == "pretrain" and self.parent:
-            raise ValueError("parent: pretrain starts from scratch; remove parent=")
-        if t.c_train > 0 and t.family not in SPURIOUS_FAMILIES:
-            raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
-        return self
-
-    def _check_tracr(self) -> RunConfig:
-        """Tracr tasks (paper App. C.1): the compiled program is the pretrained model, so a finetune without a
-        parent starts from it; there is no pretrain stage, and the loss is on the answer only."""
-        t, prog = self.train, self.task.program
-        if self.stage == "pretrain":
-            raise ValueError("stage: a Tracr task has no pretrain stage (the compiled program is the pretrained "
-                             "model); use finetune")
-        if self.stage in ("reft", "scratch+ft") and not self.parent:
-            raise ValueError(f"parent: {self.stage} needs parent=RUN_DIR")
-        for name, fam in (("train.family", t.family), ("eval.family", self.eval.family)):
-            if fam not in (None, prog):
-                raise ValueError(f"{name}: the {prog} task has no family {fam!r}")
-        if t.loss != "answer":
-            raise ValueError("train.loss: Tracr programs are trained on the answer only (loss=answer)")
-        if t.operand is not None:
-            from wrapperlab.tasks.tracr_tasks import _check_operand
-            _check_operand(prog, t.operand, "train.operand")
+        get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
         return self
 
     # identity: everything that changes the result (not device/threads, and not where the parent lives: the
@@ -212,12 +176,10 @@ class RunConfig(BaseModel):
 
     @property
     def eval_family(self) -> str:
-        return self.eval.family or self.train.family or (self.task.program if self.is_tracr else "count")
+        return self.eval.family or self.train.family or get_task_kind(self.task.kind).default_family(self.task)
 
     @property
     def report_all_families(self) -> bool:
-        if self.is_tracr:
-            return False
         return self.eval.all_families if self.eval.all_families is not None else self.stage == "pretrain"
 
 
@@ -293,13 +255,15 @@ def load_yaml(path: str | Path) -> dict:
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     parts = [str(x) for x in err["loc"] if not str(x).startswith("function-after")]
-    if parts[:2] in (["task", "pcfg"], ["task", "tracr"]) or (parts[:1] == ["model"] and len(parts) > 1
-                                                             and parts[1] in model_families()):
+    if len(parts) > 1 and ((parts[0] == "task" and parts[1] in task_kinds())
+                           or (parts[0] == "model" and parts[1] in model_families())):
         del parts[1]  # a union's tag is not a field
     loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    if not loc and re.match(r"^[a-z_][a-z0-9_.]*: ", msg):  # a whole-config rule that names its field itself
+        return f"{msg}{shown}"
     return f"{loc or 'config'}: {msg}{shown}"
 
 

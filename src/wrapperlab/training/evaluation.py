@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wrapperlab.tasks.families import FAMILIES
-from wrapperlab.tasks.task import Batch, PCFGTask
+from wrapperlab.tasks.registry import Task
+from wrapperlab.tasks.task import Batch
 
 
 @dataclass
@@ -30,20 +30,10 @@ class EvalSet:
         return f"{self.family}/{self.operand}/c{self.c_test:g}"
 
 
-def build_eval_sets(task: PCFGTask, family: str, c_tests: list[float], n: int, seed: int,
+def build_eval_sets(task: Task, family: str, c_tests: list[float], n: int, seed: int,
                     all_families: bool = False) -> list[EvalSet]:
-    cfg = task.config
-    specs: list[tuple[str, str | None, float]] = []
-    for op in (cfg.o_pt, cfg.o_ft):
-        for c in c_tests:
-            if c > 0 and family not in task.spurious_families:
-                continue
-            specs.append((family, op, c))
-    if all_families:
-        for fam, f in FAMILIES.items():
-            for op in ((cfg.o_pt, cfg.o_ft) if f.uses_operand else (None,)):
-                if (fam, op, 0.0) not in specs:
-                    specs.append((fam, op, 0.0))
+    """The task's evaluation sets (``task.eval_specs``), each drawn from its own seeded stream."""
+    specs = task.eval_specs(family, c_tests, all_families)
     sets = []
     for fam, op, c in specs:
         rng = np.random.default_rng([seed, zlib.crc32(f"{fam}/{op}/{c:g}".encode())])
@@ -71,7 +61,7 @@ def majority_rate(answers: np.ndarray) -> float:
     return float(counts.max() / answers.shape[0])
 
 
-def evaluate_sets(model: torch.nn.Module, task: PCFGTask, sets: list[EvalSet], device: str = "cpu") -> list[dict]:
+def evaluate_sets(model: torch.nn.Module, task: Task, sets: list[EvalSet], device: str = "cpu") -> list[dict]:
     rows = []
     cfg = task.config
     for s in sets:

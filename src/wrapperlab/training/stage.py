@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from wrapperlab.models.registry import default_family, get_family
 from wrapperlab.models.registry import families as model_families
 from wrapperlab.models.transformer import Transformer
-from wrapperlab.tasks.task import PCFGTask
-from wrapperlab.tasks.tracr_tasks import TracrTask
+from wrapperlab.tasks.registry import Task, build_task, get_task_kind
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, RunConfig, _task_kind, validate
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
@@ -53,13 +52,10 @@ def parent_info(parent: str | None) -> dict | None:
     return side
 
 
-INHERITED_TASK_KEYS = ("q", "o_pt", "o_ft", "prior", "families")  # may differ from the parent's
-
-
 def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict | None]:
     """Validate a raw config. A stage that starts from a trained model inherits the parent's model and task
-    shapes; the user may change only the task keys in ``INHERITED_TASK_KEYS`` (an explicit attempt to change
-    the window, O' or the model is refused, since the weights could not fit).
+    shapes; the user may change only the task keys its task kind lists in ``inherited_keys`` (an explicit attempt
+    to change the window, O' or the model is refused, since the weights could not fit).
 
     ``parent_side`` stands in for the parent's sidecar when the parent does not exist yet (the experiment
     planner resolves a whole DAG before anything trains); otherwise the sidecar is read from ``raw["parent"]``."""
@@ -69,14 +65,15 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
     parent = parent_side if parent_side is not None else parent_info(raw.get("parent"))
     if parent is not None:
         pcfg = parent["config"]
+        inherited = get_task_kind(_task_kind(pcfg["task"])).inherited_keys  # task keys a child may still change
         for key in sorted(explicit):
             section, _, rest = key.partition(".")
             head = rest.split(".", 1)[0]
-            if section == "model" or (section == "task" and head not in INHERITED_TASK_KEYS):
+            if section == "model" or (section == "task" and head not in inherited):
                 raise ConfigError(f"{key}: cannot change on a stage that starts from a trained model "
                                   f"(it inherits {section} settings from {raw['parent']})")
         raw["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
-                                          if k in INHERITED_TASK_KEYS and f"task.{k}" in explicit}}
+                                          if k in inherited and f"task.{k}" in explicit}}
         raw["model"] = pcfg["model"]
         cfg = validate(raw)
         allowed = PARENT_STAGE.get(cfg.stage, ())
@@ -97,20 +94,18 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             raw["model"] = fam.shape_from_task(task_cfg).model_dump(mode="json")
         cfg = validate(raw)
     # the (family, operand) each single-task stage trains on, when not given
-    if cfg.is_tracr and cfg.train.family is None:
-        cfg.train.family = cfg.task.program
     if cfg.stage != "pretrain" and cfg.train.family is None:
-        cfg.train.family = "count"
+        cfg.train.family = get_task_kind(cfg.task.kind).default_family(cfg.task)
     if cfg.stage != "pretrain" and cfg.train.operand is None:
         cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
     return cfg, parent
 
 
-def make_task(cfg: RunConfig) -> PCFGTask | TracrTask:
-    return TracrTask(cfg.task) if cfg.is_tracr else PCFGTask(cfg.task)
+def make_task(cfg: RunConfig) -> Task:
+    return build_task(cfg.task)
 
 
-def build_model(cfg: RunConfig, task: PCFGTask | TracrTask) -> torch.nn.Module:
+def build_model(cfg: RunConfig, task: Task) -> torch.nn.Module:
     """A freshly initialised model of the run's family and shape (vocabulary and length from the task)."""
     return get_family(cfg.model.family).build(cfg.model, len(task.vocab), task.seq_len)
 
@@ -304,7 +299,7 @@ def log_steps(limit: int) -> set[int]:
     return out
 
 
-def _eval_line(step: int, rows: list[dict], task: PCFGTask) -> str:
+def _eval_line(step: int, rows: list[dict], task: Task) -> str:
     o_pt, o_ft = task.config.o_pt, task.config.o_ft
     parts = []
     for r in rows[:4]:
