@@ -101,8 +101,8 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
     parents = {_side(out, f"delete-{k}-{e}")["parent_id"] for k in ("F", "F+R", "F+MM") for e in "MS"}
     assert parents == {_side(out, "pretrain")["run_id"]}
     assert _side(out, "recover-control")["parent_id"] == _side(out, "control")["run_id"]
-    assert _side(out, "control")["config"]["dataset"] == "filter"
-    assert [_side(out, f"delete-F-{e}")["config"]["lr"] for e in "MS"] == [1e-3, 1e-4]  # the cpu preset's grid
+    assert _side(out, "control")["config"]["task"]["dataset"] == "filter"
+    assert [_side(out, f"delete-F-{e}")["config"]["train"]["lr"] for e in "MS"] == [1e-3, 1e-4]  # the cpu preset's grid
     assert res["columns"] == [0, 2, 4, 6] and res["paper_columns"] == [0, 30, 300, 3000]
     rows = {r["run"]: r for r in res["table1"]}
     assert set(rows) == {n for n in RUNS if n.startswith("recover")}

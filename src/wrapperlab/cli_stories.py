@@ -104,36 +104,38 @@ def inspect_cmd(
                f"{splits['pretrain']}, fine-tune {splits['finetune']}")
 
 
-STAGE_OVERRIDES = ("steps, lr, batch_size, seed, eval_every, eval_at, eval_n, max_new_tokens, vocab_size, threads, "
-                   "device, precision, judge, model.d_model, model.n_layer, model.n_head, model.seq_len, feature, "
-                   "other")
+# the story commands' short names for the run config's fields (dotted paths work too)
+STORY_KEYS = {"steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size", "seed": "train.seed",
+              "warmup_frac": "train.warmup_frac", "grad_clip": "train.grad_clip", "precision": "train.precision",
+              "eval_every": "eval.every", "eval_at": "eval.at", "eval_n": "task.eval_n",
+              "max_new_tokens": "task.max_new_tokens", "vocab_size": "task.vocab_size", "judge": "task.judge",
+              "feature": "task.feature", "other": "task.other", "model.seq_len": "task.seq_len"}
+STAGE_OVERRIDES = ", ".join(list(STORY_KEYS) + ["threads", "device", "model.d_model", "model.n_layer",
+                                               "model.n_head"])
+
+
+def story_overrides(items: list[str]) -> list[str]:
+    """``key=value`` items with the story commands' short names rewritten to the run config's dotted paths."""
+    out = []
+    for item in items:
+        key, eq, text = item.partition("=")
+        out.append(f"{STORY_KEYS.get(key.strip(), key.strip())}={text}" if eq else item)
+    return out
 
 
 def _run_stage(stage: str, values: dict, overrides: list[str] | None, out_dir: Path, as_json: bool,
                progress: bool) -> None:
-    from wrapperlab.cli_common import err
-    from wrapperlab.tasks.stories import StoriesError
-    from wrapperlab.tasks.tokenizer import TokenizerError
-    from wrapperlab.training import checkpoint as ck
-    from wrapperlab.training.config import ConfigError, deep_merge, parse_value, set_path
-    from wrapperlab.training.story_stage import StoryStage, story_config
+    """A story stage is an ordinary stage of the ``stories`` preset (a story task, llama2.c's model)."""
+    from wrapperlab.cli_common import err, user_errors
+    from wrapperlab.training.config import build_config
+    from wrapperlab.training.stage import Stage, resolve
 
-    try:
-        user: dict = {}
-        for item in overrides or []:
-            key, eq, text = item.partition("=")
-            if not eq or not key.strip():
-                raise ConfigError(f"override {item!r} is not key=value (e.g. steps=1000, model.d_model=128)")
-            set_path(user, key.strip(), parse_value(text.strip()))
-        raw = deep_merge(dict(values), user)
-        if raw.get("parent") and not raw.get("data"):
-            raw["data"] = ck.read_sidecar(raw["parent"])["config"]["data"]
-        cfg = story_config(stage=stage, **raw)
-        st = StoryStage(cfg, out_dir)
-        side = st.run(log=(lambda s: err.print(s, highlight=False, markup=False)) if progress and not as_json
-                      else (lambda s: None))
-    except (ConfigError, StoriesError, TokenizerError, ck.CheckpointError) as e:
-        _fail(str(e))
+    with user_errors():
+        raw = build_config(stage, "stories", None, story_overrides(overrides or []), values=values)
+        cfg, parent = resolve(raw)
+        side = Stage(cfg, parent, out_dir).run(
+            progress=False, log=(lambda s: err.print(s, highlight=False, markup=False)) if progress and not as_json
+            else (lambda s: None))
     summary = {"run_dir": str(out_dir), "run_id": side.get("run_id"), "stage": stage, "status": side.get("status"),
                "step": side.get("step"), "metrics": side.get("metrics", [])}
     if as_json:
@@ -158,8 +160,8 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain the llama2.c-style model on the pretraining split (LM loss, warmup + cosine; App. F.1), evaluating the
     held-out loss on feature stories and the generation score. Rerunning resumes an interrupted run exactly."""
-    _run_stage("pretrain", {"data": str(data), "dataset": "filter" if control else "all"}, overrides, out_dir,
-               as_json, progress)
+    _run_stage("pretrain", {"task.data": str(data), "task.dataset": "filter" if control else "all"}, overrides,
+               out_dir, as_json, progress)
 
 
 @stories_app.command("delete")
@@ -172,8 +174,7 @@ def delete_cmd(
     progress: bool = typer.Option(True, help="print each evaluation"),
 ) -> None:
     """Deletion fine-tuning on the fine-tuning split transformed by KIND, at a constant LR (App. F.1)."""
-    _run_stage("delete", {"parent": str(parent), "dataset": kind, "lr": 1e-4}, overrides, out_dir, as_json,
-               progress)
+    _run_stage("finetune", {"parent": str(parent), "task.dataset": kind}, overrides, out_dir, as_json, progress)
 
 
 @stories_app.command("recover")
@@ -185,8 +186,7 @@ def recover_cmd(
     progress: bool = typer.Option(True, help="print each evaluation"),
 ) -> None:
     """Reverse fine-tuning on the recovery set (stories with the feature), constant LR (App. F.1; paper: 1e-5)."""
-    _run_stage("recover", {"parent": str(parent), "dataset": "recovery", "lr": 1e-5}, overrides, out_dir, as_json,
-               progress)
+    _run_stage("reft", {"parent": str(parent), "task.dataset": "recovery"}, overrides, out_dir, as_json, progress)
 
 
 TABLE_FIELDS = ("pretrain_steps", "pretrain_lr", "delete_steps", "recover_steps", "recover_lr", "columns",

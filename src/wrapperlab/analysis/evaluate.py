@@ -24,6 +24,7 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     side = ck.read_sidecar(run_dir)
     cfg: RunConfig = validate(side["config"])
     task = make_task(cfg)
+    task.attach(run_dir, None, cfg.train.seed, cfg.stage)  # a story run's tokenizer
     model = build_model(cfg, task)
     _, tensors = ck.load_tensors(run_dir, side)
     ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(run_dir))

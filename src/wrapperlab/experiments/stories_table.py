@@ -10,7 +10,7 @@ One call trains (or reuses) every run of the protocol under ``OUT``:
 
 then probes the Twist feature per block in pretrain, control and the six deleted models (App. F.2, Fig. 11a), and
 returns the rows of both tables beside the paper's values. A run directory is an ordinary story run
-(``training/story_stage.py``): a finished one is reused, an interrupted one resumes exactly.
+(a story task trained by the one stage loop): a finished one is reused, an interrupted one resumes exactly.
 
 Presets (choices the paper does not make for us, written down here):
 
@@ -129,34 +129,49 @@ class Job:
 
 def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0,
          device: str = "cpu") -> list[Job]:
-    """Every run of the protocol in dependency order (a job's parent comes before it)."""
-    common = {"data": str(data), "vocab_size": p.vocab_size, "model": dict(p.model), "batch_size": p.batch_size,
-              "max_new_tokens": p.max_new_tokens, "eval_n": p.eval_n, "seed": seed, "judge": judge,
-              "device": device, "precision": p.precision}
-    pre = {**common, "steps": p.pretrain_steps, "lr": p.pretrain_lr, "warmup_frac": p.warmup_frac,
-           "eval_every": p.pretrain_steps}
-    jobs = [Job("pretrain", "pretrain", {**pre, "dataset": "all"}),
-            Job("control", "pretrain", {**pre, "dataset": "filter"})]
-    rec = {**common, "steps": p.recover_steps, "lr": p.recover_lr, "dataset": "recovery",
-           "eval_every": p.recover_steps, "eval_at": [c for c in p.columns if 0 < c < p.recover_steps]}
+    """Every run of the protocol in dependency order (a job's parent comes before it), as ``stories`` preset
+    overrides; a child inherits its parent's model, tokenizer and data."""
+    every = {"seed": seed, "device": device, "train.precision": p.precision, "batch_size": p.batch_size}
+    root = {**every, "task.data": str(data), "task.vocab_size": p.vocab_size, "task.seq_len": p.model["seq_len"],
+            "task.max_new_tokens": p.max_new_tokens, "task.eval_n": p.eval_n, "task.judge": judge,
+            **{f"model.{k}": v for k, v in p.model.items() if k != "seq_len"}}
+    pre = {**root, "steps": p.pretrain_steps, "lr": p.pretrain_lr, "train.warmup_frac": p.warmup_frac,
+           "eval.every": p.pretrain_steps}
+    jobs = [Job("pretrain", "pretrain", {**pre, "task.dataset": "all"}),
+            Job("control", "pretrain", {**pre, "task.dataset": "filter"})]
+    rec = {**every, "steps": p.recover_steps, "lr": p.recover_lr, "task.dataset": "recovery",
+           "eval.every": p.recover_steps, "eval.at": [c for c in p.columns if 0 < c < p.recover_steps]}
     for eta in ETAS:
         for kind in KINDS:
-            jobs.append(Job(f"delete-{kind}-{eta}", "delete", {**common, "steps": p.delete_steps, "lr": p.etas[eta],
-                                                                "dataset": kind, "eval_every": p.delete_steps},
+            jobs.append(Job(f"delete-{kind}-{eta}", "finetune", {**every, "steps": p.delete_steps, "lr": p.etas[eta],
+                                                                  "task.dataset": kind, "eval.every": p.delete_steps},
                             "pretrain"))
     for eta in ETAS:
         for kind in KINDS:
-            jobs.append(Job(f"recover-{kind}-{eta}", "recover", dict(rec), f"delete-{kind}-{eta}"))
-    jobs.append(Job("recover-control", "recover", dict(rec), "control"))
+            jobs.append(Job(f"recover-{kind}-{eta}", "reft", dict(rec), f"delete-{kind}-{eta}"))
+    jobs.append(Job("recover-control", "reft", dict(rec), "control"))
     return jobs
 
 
-def check_jobs(jobs: list[Job]) -> None:
-    """Validate every job's stage config (one-line ``ConfigError``); parents are checked when a job runs."""
-    from wrapperlab.training.story_stage import story_config
+def _raw(job: Job, out: str | Path, threads: int = 0) -> dict:
+    from wrapperlab.training.config import build_config
 
+    values = dict(job.values, threads=threads)
+    if job.parent:
+        values["parent"] = str(Path(out) / job.parent)
+    return build_config(job.stage, "stories", values=values)
+
+
+def check_jobs(jobs: list[Job], out: str | Path = "unchecked") -> None:
+    """Validate every job's config before anything trains (one-line ``ConfigError``), each child against its
+    parent's planned config."""
+    from wrapperlab.training.stage import resolve
+
+    planned: dict[str, dict] = {}
     for j in jobs:
-        story_config(stage=j.stage, **{**j.values, **({"parent": "x"} if j.parent else {})})
+        cfg, _ = resolve(_raw(j, out), parent_side=planned.get(j.parent))
+        planned[j.name] = {"config": cfg.model_dump(mode="json"), "run_id": j.name, "stage": cfg.stage,
+                           "status": "done"}
 
 
 def _run_job(job: Job, out: str, threads: int, verbose: bool = False) -> dict:
@@ -164,18 +179,12 @@ def _run_job(job: Job, out: str, threads: int, verbose: bool = False) -> dict:
     evaluation to stderr, prefixed with the run's name (a long protocol shows progress)."""
     import sys
 
-    import torch
+    from wrapperlab.training.stage import Stage, resolve
 
-    from wrapperlab.training.story_stage import StoryStage, story_config
-
-    if threads:
-        torch.set_num_threads(threads)
-    values = dict(job.values, threads=threads)
-    if job.parent:
-        values["parent"] = str(Path(out) / job.parent)
     t0 = time.perf_counter()
     log = (lambda m: print(f"  {job.name} {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
-    side = StoryStage(story_config(stage=job.stage, **values), Path(out) / job.name).run(log=log)
+    cfg, parent = resolve(_raw(job, out, threads))
+    side = Stage(cfg, parent, Path(out) / job.name).run(progress=False, log=log)
     return {"name": job.name, "status": side.get("status"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -192,7 +201,7 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
     ``workers`` > 1 run in that many processes (``threads`` each)."""
     from wrapperlab.training import checkpoint as ck
 
-    check_jobs(jobs)  # every config is valid before anything trains
+    check_jobs(jobs, out)  # every config is valid before anything trains
     verbose = log is not None
     log = log or (lambda s: None)
     done = []
@@ -235,11 +244,11 @@ def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int =
     ``pretrain-all``), measured on the test split. Saves ``RUN/analysis/feature_probe.json``; returns the Result."""
     import torch
 
+    from wrapperlab.analysis.evaluate import load_run
     from wrapperlab.analysis.feature_probes import FeatureProbeSettings, feature_probes
     from wrapperlab.tasks.stories import STORY_FEATURES
     from wrapperlab.tasks.story_corpus import left_padded
     from wrapperlab.training import checkpoint as ck
-    from wrapperlab.training.story_stage import StoryStage, story_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -247,14 +256,10 @@ def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int =
     side = ck.read_sidecar(run_dir)
     if side.get("status") != "done":
         raise ck.CheckpointError(f"{run_dir}: the run is not finished (status {side.get('status')})")
-    cfg = dict(side["config"])
-    st = StoryStage(story_config(**{**cfg, "parent": None, "stage": "pretrain", "dataset": "all",
-                                    "device": device}), run_dir)
-    tok = st.tokenizer()
-    model = st.build_model(tok)
-    _, t = ck.load_tensors(run_dir, side)
-    model.load_state_dict(ck.split_prefix(t, "model"))
-    model.to(device)
+    cfg, task, model, side = load_run(run_dir, device)
+    if cfg.task.kind != "story":
+        raise ck.CheckpointError(f"{run_dir}: feature probes need a story run (this is a {cfg.task.kind} run)")
+    tok, split = task.tokenizer, task.split
     seq = model.cfg.seq_len
     rng = np.random.default_rng([seed, 11])
 
@@ -265,8 +270,8 @@ def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int =
         y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
         return left_padded(ends, fillers, seq, rng), y
 
-    xtr, ytr = tokens(st.split["pretrain"], n_train)
-    xte, yte = tokens(st.split["test"], n_test)
+    xtr, ytr = tokens(split["pretrain"], n_train)
+    xte, yte = tokens(split["test"], n_test)
     res = feature_probes(model, xtr, ytr, xte, yte, list(STORY_FEATURES), label=run_dir.name,
                          settings=FeatureProbeSettings(iters=iters, seed=seed))
     res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir), "n_train": int(len(ytr)),
@@ -381,7 +386,7 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
     check_preset(p)
     out = Path(out)
     say = log or (lambda s: None)
-    check_jobs(plan(p, "unchecked", None, seed, device))  # every config is valid before anything is written
+    check_jobs(plan(p, out / "shards", None, seed, device), out)  # every config is valid before anything is written
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():

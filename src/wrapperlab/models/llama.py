@@ -349,7 +349,7 @@ def _components(model: LlamaTransformer) -> Components:
 FAMILY = register(ModelFamily(
     "llama", LlamaConfig,
     lambda cfg, vocab, seq: LlamaTransformer(cfg.model_copy(update={"vocab_size": vocab, "seq_len": seq})),
-    _components, "llama2.c decoder: RoPE, RMSNorm, SwiGLU, tied head"))
+    _components, "llama2.c decoder: RoPE, RMSNorm, SwiGLU, tied head", default_for_tasks=("story",)))
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -47,8 +47,12 @@ class RunRecord:
         return self.side["config"]
 
     @property
+    def kind(self) -> str:
+        return self.cfg.get("task", {}).get("kind", "pcfg")
+
+    @property
     def is_tracr(self) -> bool:
-        return self.cfg["task"].get("kind") == "tracr"
+        return self.kind == "tracr"
 
     @property
     def eta(self) -> str:
@@ -60,7 +64,7 @@ class RunRecord:
 
     @property
     def prior(self) -> str:
-        return "" if self.is_tracr else prior_name(resolve_prior(self.cfg["task"]["prior"]))
+        return prior_name(resolve_prior(self.cfg["task"]["prior"])) if self.kind == "pcfg" else ""
 
     @property
     def family(self) -> str:
@@ -71,6 +75,8 @@ class RunRecord:
         return metric_at(self.side.get("metrics", []), self.family, op, c_test, step, key)
 
     def tag(self) -> str:
+        if self.kind == "story":
+            return f"{self.cfg['task']['dataset']} lr {self.cfg['train']['lr']:g}"
         if self.is_tracr:
             return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
         return f"{self.prior} prior η{self.eta} C_Tr={self.c_train:g}"
@@ -106,7 +112,7 @@ class Evidence:
     def finetunes(self, tracr: bool = False, **match) -> list[RunRecord]:
         out = []
         for r in self.runs:
-            if r.side.get("stage") != "finetune" or r.is_tracr != tracr:
+            if r.side.get("stage") != "finetune" or r.kind != ("tracr" if tracr else "pcfg"):
                 continue
             if all(getattr(r, k) in (v if isinstance(v, (list, tuple, set)) else (v,)) for k, v in match.items()):
                 out.append(r)
@@ -309,9 +315,8 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
 
 
 def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
-    """TinyStories runs (training/story_stage.py) by run id."""
-    return {r.side["run_id"]: r for r in ev.runs
-            if r.side.get("stage") in ("pretrain", "delete", "recover") and "feature" in r.cfg and "task" not in r.cfg}
+    """TinyStories runs (task kind ``story``) by run id."""
+    return {r.side["run_id"]: r for r in ev.runs if r.kind == "story"}
 
 
 def _story_metric(r: RunRecord, step: int, key: str):
@@ -325,13 +330,13 @@ def _story_protocol(ev: Evidence):
     deleted, control = [], None
     for r in runs.values():
         par = runs.get(r.side.get("parent_id"))
-        if r.side["stage"] != "recover" or par is None:
+        if r.side["stage"] != "reft" or par is None:
             continue
-        if par.side["stage"] == "delete":
+        if par.side["stage"] == "finetune":
             deleted.append((r, par))
-        elif par.cfg.get("dataset") == "filter":
+        elif par.cfg["task"]["dataset"] == "filter":
             control = r
-    return sorted(deleted, key=lambda x: (-x[1].cfg["lr"], x[1].cfg["dataset"])), control
+    return sorted(deleted, key=lambda x: (-x[1].cfg["train"]["lr"], x[1].cfg["task"]["dataset"])), control
 
 
 def claim_tinystories(ev: Evidence) -> dict:
@@ -346,7 +351,8 @@ def claim_tinystories(ev: Evidence) -> dict:
             loss = _story_metric(r, last, "heldout_loss")
             if None in (s0, s1, loss, c_first, c_loss):
                 continue
-            cases.append((f"{d.cfg['dataset']} (deletion lr {d.cfg['lr']:g}): Twist in {_pct(s0)} of generations "
+            kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
+            cases.append((f"{kind} (deletion lr {lr:g}): Twist in {_pct(s0)} of generations "
                           f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); loss on "
                           f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})",
                           s1 > c_first and loss < c_loss))
@@ -377,7 +383,8 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
         if None in (a, p, c):
             continue
         ok = a >= p - STORY_PROBE_TOLERANCE and a > c
-        cases.append((f"{d.cfg['dataset']} (lr {d.cfg['lr']:g}): Twist probe {_pct(a)} (mean over blocks) vs "
+        kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
+        cases.append((f"{kind} (lr {lr:g}): Twist probe {_pct(a)} (mean over blocks) vs "
                       f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok))
     return _claim("tinystories-probe", "After deletion fine-tuning, Twist stays linearly readable in the residual "
                   "stream", "Twist probe accuracy barely reduced vs the pretrained model, far above the "

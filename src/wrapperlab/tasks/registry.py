@@ -12,7 +12,9 @@ A task (``PCFGTask``, ``TracrTask``, or one of yours) is what training, evaluati
 - ``spurious_families`` and ``spurious_answer(batch)`` — where the correlation exists and what a model that
   learned the spurious rule answers;
 - ``eval_specs(family, c_tests, all_families)`` — the (family, operand, c_test) evaluation sets of a run;
-- ``probe_targets()`` — target name -> operand (``{"O_PT": o_pt, "O_FT": o_ft}``).
+- ``probe_targets()`` — target name -> operand (``{"O_PT": o_pt, "O_FT": o_ft}``);
+- ``attach(run_dir, parent_dir, seed, stage)`` — bind the task to a run directory (a story task keeps its
+  tokenizer there; the others need nothing).
 
 A kind registers with :func:`register`; :data:`BUILTIN` lists the modules imported on first use.
 """
@@ -21,13 +23,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel
 
-BUILTIN = ("wrapperlab.tasks.task", "wrapperlab.tasks.tracr_tasks")
+BUILTIN = ("wrapperlab.tasks.task", "wrapperlab.tasks.tracr_tasks", "wrapperlab.tasks.story_task")
 
 
 class Task(Protocol):
@@ -53,21 +55,30 @@ class Task(Protocol):
 
     def probe_targets(self) -> dict[str, str]: ...
 
+    def attach(self, run_dir, parent_dir, seed: int, stage: str = "pretrain") -> None: ...
+
+
+PARENT_STAGES = {"finetune": ("pretrain",), "reft": ("finetune",), "scratch+ft": ("scratch",)}
+
 
 @dataclass(frozen=True)
 class TaskKind:
     """A registered task kind. ``check_run(stage, parent, train, eval, task_config)`` raises ``ValueError`` (a one-line
     message naming the field) for a run this kind cannot have; ``default_family(task_config)`` is the family a
-    single-task stage trains and evaluates when none is given; ``inherited_keys`` are the task keys a stage that
-    starts from a trained model may still change (the others must match the weights)."""
+    single-task stage trains and evaluates when none is given (None: the task has no families);
+    ``inherited_keys`` are the task keys a stage that starts from a trained model may still change (the others must
+    match the weights); ``parent_stages`` which stage each child stage starts from."""
 
     name: str
     config: type[BaseModel]
     build: Callable[[BaseModel], Task]
     check_run: Callable[[str, str | None, Any, Any, BaseModel], None]
-    default_family: Callable[[BaseModel], str]
+    default_family: Callable[[BaseModel], str | None]
     inherited_keys: tuple[str, ...] = ()
     description: str = ""
+    parent_stages: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PARENT_STAGES))
+    reft_below_parent: bool = True  # the paper's rule for PCFG and Tracr (App. D): reFT LR < the fine-tuning LR
+    evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
 
 
 _KINDS: dict[str, TaskKind] = {}

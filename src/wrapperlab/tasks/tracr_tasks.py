@@ -190,6 +190,9 @@ class TracrTask:
     def probe_targets(self) -> dict[str, str]:
         return {"O_PT": self.config.o_pt, "O_FT": self.config.o_ft}
 
+    def attach(self, run_dir, parent_dir, seed: int, stage: str = "pretrain") -> None:
+        """Nothing to bind: the task is a pure function of its config."""
+
     def spurious_answer(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """(answer id of r(x, O_PT) + q, whether that value exists) — what a model that learned the spurious rule
         answers."""

@@ -20,7 +20,7 @@ from wrapperlab.models.transformer import ModelConfig
 from wrapperlab.tasks.families import FAMILIES
 from wrapperlab.tasks.registry import get_task_kind, task_kinds
 from wrapperlab.tasks.task import TaskConfig
-from wrapperlab.training.presets import STAGES, named_lrs, preset_dict, prior_adjustments
+from wrapperlab.training.presets import STAGES, named_lrs, preset_dict, prior_adjustments, stage_task_keys
 
 SHORTCUTS = {
     "lr": "train.lr", "steps": "train.steps", "c_train": "train.c_train", "c_test": "eval.c_test",
@@ -46,7 +46,9 @@ class TrainConfig(BaseModel):
     warmup_frac: float = Field(0.2, ge=0, le=1)
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_frac")
     min_lr_frac: float = Field(0.0, ge=0, le=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "cosine-whole"] = Field(
+        "cosine", description="cosine: warmup then cosine to min_lr_frac; constant: warmup then flat; cosine-whole: "
+                              "the warmup ramp times one cosine over the whole run (the TinyStories stages')")
     loss: Literal["lm", "answer"] = "answer"
     grad_clip: float | None = Field(1.0, gt=0)
     family: str | None = Field(None, description="None = the pretraining family mix")
@@ -74,6 +76,8 @@ class EvalConfig(BaseModel):
     seed: int = Field(12345, ge=0)
     log_spaced: bool = Field(False, description="also evaluate (without checkpointing) at steps 1, 2, 5, 10, 20, "
                                                 "50, ... for curves on a log step axis")
+    at: list[int] = Field(default_factory=list, description="extra evaluation (and checkpoint) steps, e.g. the reFT "
+                                                          "columns of the paper's Table 1")
 
     @field_validator("c_test", mode="before")
     @classmethod
@@ -147,6 +151,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        bad = [s for s in self.eval.at if not 0 < s <= self.train.steps]
+        if bad:
+            raise ValueError(f"eval.at: steps must be in 1..train.steps={self.train.steps} (got {bad[0]})")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
         return self
 
@@ -160,6 +167,8 @@ class RunConfig(BaseModel):
         # fields added later are left out at their defaults, so earlier run ids stay valid
         if not d["eval"]["log_spaced"]:
             d["eval"].pop("log_spaced")
+        if not d["eval"]["at"]:
+            d["eval"].pop("at")
         if d["task"].get("kind") == "pcfg":
             d["task"].pop("kind")
         if d["train"].get("precision") == "fp32":
@@ -301,7 +310,7 @@ def build_config(stage: str, preset: str = "cpu", file: str | None = None, overr
     if file:
         user = deep_merge(filed, user)
     explicit = _flat_keys(user)
-    raw["_explicit"] = sorted(explicit)
+    raw["_explicit"] = sorted(set(explicit) | set(stage_task_keys(raw.get("preset", preset), stage)))
     adjust = prior_adjustments(raw.get("preset", preset), stage, str(raw.get("task", {}).get("prior", "")))
     for key in _flat_keys(adjust):
         if key not in explicit:

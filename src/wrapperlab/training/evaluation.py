@@ -8,7 +8,9 @@ r(x, O_PT) + q — the signature of a model that learned the spurious rule inste
 
 from __future__ import annotations
 
+import importlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +76,48 @@ def evaluate_sets(model: torch.nn.Module, task: Task, sets: list[EvalSet], devic
             row["follows_spurious"] = float(((pred == spur) & ok).mean())
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- evaluators by task kind
+class Evaluator:
+    """What a stage measures at each evaluation: ``evaluator(model, step) -> rows`` and a one-line summary."""
+
+    def __call__(self, model: torch.nn.Module, step: int) -> list[dict]:
+        raise NotImplementedError
+
+    def line(self, step: int, rows: list[dict]) -> str:
+        return f"step {step:>6}: " + " | ".join(str(r) for r in rows)
+
+
+class AccuracyEvaluator(Evaluator):
+    """Accuracy on the task's fixed, seeded evaluation sets (PCFG and Tracr tasks)."""
+
+    def __init__(self, cfg, task: Task):
+        self.task, self.device = task, cfg.device
+        self.sets = build_eval_sets(task, cfg.eval_family, cfg.eval.c_test, cfg.eval.n, cfg.eval.seed,
+                                    cfg.report_all_families)
+
+    def __call__(self, model: torch.nn.Module, step: int) -> list[dict]:
+        return evaluate_sets(model, self.task, self.sets, self.device)
+
+    def line(self, step: int, rows: list[dict]) -> str:
+        o_pt, o_ft = self.task.config.o_pt, self.task.config.o_ft
+        parts = [f"{r['family'][:5]}/{r['operand']}/c{r['c_test']:g} {100 * r['acc']:.1f}% "
+                 f"(maj {100 * r['majority']:.0f}%)" for r in rows[:4]]
+        more = f" +{len(rows) - 4} sets" if len(rows) > 4 else ""
+        return f"step {step:>6}: " + " | ".join(parts) + more + f"  [O_PT={o_pt}, O_FT={o_ft}]"
+
+
+EVALUATIONS: dict[str, Callable] = {"accuracy": AccuracyEvaluator}
+EVALUATION_MODULES = ("wrapperlab.training.generation",)  # register further evaluations on import
+
+
+def make_evaluator(cfg, task: Task) -> Evaluator:
+    """The evaluator the run's task kind names (``TaskKind.evaluation``)."""
+    from wrapperlab.tasks.registry import get_task_kind
+
+    name = get_task_kind(cfg.task.kind).evaluation
+    if name not in EVALUATIONS:
+        for mod in EVALUATION_MODULES:
+            importlib.import_module(mod)
+    return EVALUATIONS[name](cfg, task)

@@ -24,6 +24,7 @@ from wrapperlab.models.llama import generate
 from wrapperlab.tasks.stories import StoryRecord, detect_features, prompt_text
 from wrapperlab.tasks.story_corpus import left_padded, texts_of
 from wrapperlab.tasks.tokenizer import Tokenizer
+from wrapperlab.training.evaluation import EVALUATIONS, Evaluator
 
 
 class GenerationError(ValueError):
@@ -85,3 +86,50 @@ def generation_score(model, tokenizer: Tokenizer, records: Sequence[StoryRecord]
                      "story": story})
     score = float(np.mean([r["has_feature"] for r in rows]))
     return GenerationResult(rows, {"settings": asdict(s), "score": score, "n": len(rows), "prompt_tokens": length})
+
+
+class StoryEvaluator(Evaluator):
+    """A story run's evaluation (paper App. F.2; Table 1, Figs. 31-34): the held-out LM loss on the test split's
+    stories with the feature (four fixed batches) and the generation score of prompts that ask for it."""
+
+    def __init__(self, cfg, task):
+        import torch.nn.functional as F
+
+        from wrapperlab.tasks.stories import recovery_set
+        from wrapperlab.tasks.story_corpus import StoryStream
+        from wrapperlab.training.story_judge import load_judge
+
+        c, seed = task.config, cfg.train.seed
+        self.task, self.cfg, self.F = task, cfg, F
+        held = StoryStream.build(recovery_set(task.split["test"], c.feature), task.tokenizer, seed + 1)
+        self.heldout = [held.lm_batch(cfg.train.batch_size, task.seq_len, np.random.default_rng([seed, 9, i]))
+                        for i in range(4)]
+        self.judge = load_judge(c.judge) if c.judge else detect_features
+
+    def _loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        batch = batch.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            logits = model(batch[:, :-1])
+        return self.F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def __call__(self, model, step: int) -> list[dict]:
+        c = self.task.config
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = float(np.mean([self._loss(model, b).item() for b in self.heldout]))
+        gen = generation_score(model, self.task.tokenizer, self.task.split["test"], judge=self.judge,
+                               settings=GenerationSettings(feature=c.feature, n=c.eval_n,
+                                                           max_new_tokens=c.max_new_tokens,
+                                                           seed=self.cfg.train.seed + step))
+        model.train(was)
+        return [{"heldout_loss": round(loss, 5), "score": gen.meta["score"], "n": gen.meta["n"]}]
+
+    def line(self, step: int, rows: list[dict]) -> str:
+        r, f = rows[0], self.task.config.feature
+        return (f"step {step:>6}: held-out loss on {f} stories {r['heldout_loss']:.4f}, {f} in {r['score']:.0%} of "
+                f"{r['n']} generations asked for it")
+
+
+EVALUATIONS["story"] = StoryEvaluator

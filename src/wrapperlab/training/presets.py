@@ -94,7 +94,25 @@ TRACR_CPU = {**TRACR_PAPER, "eval": {"every": 500, "n": 1000},
 for _p in (TRACR_PAPER, TRACR_CPU):
     _p["stages"]["reft"]["train"]["lr"] = "VS"
 
-PRESETS = {"paper": PAPER, "cpu": CPU, "tracr-paper": TRACR_PAPER, "tracr-cpu": TRACR_CPU}
+# TinyStories (paper App. F.1), the defaults of the `wrapperlab stories` stage commands: llama2.c's model at CPU size
+# (the paper's 91M model is `stories table --preset paper`), LM loss, AdamW; pretraining warms up over 5 % under one
+# cosine, deletion (finetune) and reFT run at a constant LR: η_M / η_S = 1e-4 / 1e-5 and reFT 1e-5, as the paper.
+_STORY_TRAIN = {"batch_size": 32, "loss": "lm", "warmup_frac": 0.0, "schedule": "constant", "min_lr_frac": 0.0,
+                "family": None, "operand": None, "c_train": 0.0}
+STORIES = {
+    "lrs": {"M": 1e-4, "S": 1e-5},
+    "task": {"kind": "story", "vocab_size": 512, "seq_len": 256},
+    "model": {"family": "llama", "d_model": 128, "n_layer": 4, "n_head": 4},
+    "eval": {"every": 250},
+    "stages": {
+        "pretrain": {"train": {**_STORY_TRAIN, "steps": 1500, "lr": 1e-3, "warmup_frac": 0.05,
+                               "schedule": "cosine-whole"}, "task": {"dataset": "all"}},
+        "finetune": {"train": {**_STORY_TRAIN, "steps": 1500, "lr": "M"}, "task": {"dataset": "F"}},
+        "reft": {"train": {**_STORY_TRAIN, "steps": 1500, "lr": "S"}, "task": {"dataset": "recovery"}},
+    },
+}
+
+PRESETS = {"paper": PAPER, "cpu": CPU, "tracr-paper": TRACR_PAPER, "tracr-cpu": TRACR_CPU, "stories": STORIES}
 
 
 def preset_dict(preset: str, stage: str) -> dict:
@@ -104,6 +122,8 @@ def preset_dict(preset: str, stage: str) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     p = PRESETS[preset]
+    if stage not in p["stages"]:
+        raise ValueError(f"the {preset} preset has no {stage} stage (it has {', '.join(p['stages'])})")
     out = {"stage": stage, "preset": preset, "task": copy.deepcopy(p["task"]),
            "model": copy.deepcopy(p["model"]), "eval": copy.deepcopy(p["eval"])}
     for section, values in copy.deepcopy(p["stages"][stage]).items():
@@ -120,3 +140,9 @@ def prior_adjustments(preset: str, stage: str, prior: str) -> dict:
 
 def named_lrs(preset: str) -> dict[str, float]:
     return dict(PRESETS[preset]["lrs"])
+
+
+def stage_task_keys(preset: str, stage: str) -> list[str]:
+    """The task keys a preset sets for one stage (a story finetune's dataset): a child stage takes them over its
+    parent's task, like the user's own overrides."""
+    return [f"task.{k}" for k in PRESETS.get(preset, {}).get("stages", {}).get(stage, {}).get("task", {})]

@@ -13,6 +13,8 @@ import math
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_frac: float, kind: str = "cosine") -> float:
     """LR for optimisation step ``step`` (0-based) of ``total``."""
+    if kind == "cosine-whole":  # the ramp multiplies a cosine that spans the whole run (no floor)
+        return peak * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     if kind == "constant":

@@ -33,10 +33,8 @@ from wrapperlab.models.transformer import Transformer
 from wrapperlab.tasks.registry import Task, build_task, get_task_kind
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, RunConfig, _task_kind, validate
-from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets
+from wrapperlab.training.evaluation import make_evaluator
 from wrapperlab.training.schedules import lr_at
-
-PARENT_STAGE = {"finetune": ("pretrain",), "reft": ("finetune",), "scratch+ft": ("scratch",)}
 
 
 def default_run_dir(cfg: RunConfig, parent_id: str | None, root: str | Path = "runs") -> Path:
@@ -76,11 +74,12 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
                                           if k in inherited and f"task.{k}" in explicit}}
         raw["model"] = pcfg["model"]
         cfg = validate(raw)
-        allowed = PARENT_STAGE.get(cfg.stage, ())
+        kind = get_task_kind(cfg.task.kind)
+        allowed = kind.parent_stages.get(cfg.stage, ())
         if pcfg["stage"] not in allowed:
             raise ConfigError(f"parent: a {cfg.stage} run starts from a {' or '.join(allowed)} run, "
                               f"not {pcfg['stage']}")
-        if cfg.stage == "reft" and cfg.train.lr >= pcfg["train"]["lr"]:
+        if cfg.stage == "reft" and kind.reft_below_parent and cfg.train.lr >= pcfg["train"]["lr"]:
             raise ConfigError(f"train.lr: reft LR ({cfg.train.lr:g}) must be smaller than its parent's "
                               f"fine-tuning LR ({pcfg['train']['lr']:g}) (paper App. D)")
     else:
@@ -93,10 +92,10 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             task_cfg = validate({**raw, "model": {}}).task
             raw["model"] = fam.shape_from_task(task_cfg).model_dump(mode="json")
         cfg = validate(raw)
-    # the (family, operand) each single-task stage trains on, when not given
+    # the (family, operand) each single-task stage trains on, when not given (a task without families has none)
     if cfg.stage != "pretrain" and cfg.train.family is None:
         cfg.train.family = get_task_kind(cfg.task.kind).default_family(cfg.task)
-    if cfg.stage != "pretrain" and cfg.train.operand is None:
+    if cfg.stage != "pretrain" and cfg.train.operand is None and cfg.train.family is not None:
         cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
     return cfg, parent
 
@@ -170,6 +169,10 @@ class Stage:
         if not (self.run_dir / ck.SIDECAR).is_file():
             return None
         side = ck.read_sidecar(self.run_dir)
+        if "task" not in side.get("config", {}):
+            raise ConfigError(f"out: {self.run_dir} holds a {side.get('stage')} run in the format of an earlier "
+                              f"wrapperlab (before story runs were ordinary runs); delete it or choose another --out "
+                              f"to train it again")
         if side.get("run_id") != self.run_id:
             raise ConfigError(f"out: {self.run_dir} holds a different run ({side.get('run_id')}); "
                               f"choose another --out or delete it")
@@ -221,9 +224,11 @@ class Stage:
         opt.step()
         return loss_value
 
-    def run(self, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-        """Train to completion. The run directory is locked for the duration, so two processes handed the same
-        run (two grids sharing a store) take turns: the second finds it done, or resumes what the first left."""
+    def run(self, progress: bool = True, log: Callable[[str], None] | None = None,
+            stop_after: int | None = None) -> dict:
+        """Train to completion (or pause, checkpointed, after ``stop_after`` steps of this call). The run directory
+        is locked for the duration, so two processes handed the same run (two grids sharing a store) take turns:
+        the second finds it done, or resumes what the first left."""
         from wrapperlab.fileio import DirLock, remove_stale_temps
 
         lock = DirLock(self.run_dir)
@@ -232,34 +237,35 @@ class Stage:
             lock.acquire()
         try:
             remove_stale_temps(self.run_dir)  # left by a process killed mid-write
-            return self._run_locked(progress, log)
+            return self._run_locked(progress, log, stop_after)
         finally:
             lock.release()
 
-    def _run_locked(self, progress: bool, log: Callable[[str], None] | None) -> dict:
+    def _run_locked(self, progress: bool, log: Callable[[str], None] | None, stop_after: int | None) -> dict:
         cfg, t = self.cfg, self.cfg.train
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         side = self.existing()
         if side and side.get("status") == "done":
             return side
+        self.task.attach(self.run_dir, cfg.parent, t.seed, cfg.stage)  # e.g. a story run's tokenizer
         model, opt, step, metrics = self._resume(side) if side else self._fresh()
         wall0 = float(side.get("wall_s", 0.0)) if side else 0.0
-        sets = build_eval_sets(self.task, cfg.eval_family, cfg.eval.c_test, cfg.eval.n, cfg.eval.seed,
-                               cfg.report_all_families)
+        evaluator = make_evaluator(cfg, self.task)
         log = log or (lambda s: None)
 
         def do_eval(at: int) -> None:
-            rows = evaluate_sets(model, self.task, sets, cfg.device)
+            rows = evaluator(model, at)
             for r in rows:
                 r["step"] = at
             metrics.extend(rows)
-            log(_eval_line(at, rows, self.task))
+            log(evaluator.line(at, rows))
 
         t0 = time.perf_counter()
         if step == 0 and not metrics:
             do_eval(0)
         extra = log_steps(t.steps) if cfg.eval.log_spaced else set()
+        start = step
         bar = _Bar(progress, t.steps, step, f"{cfg.stage}")
         model.train()
         status = "running"
@@ -272,12 +278,15 @@ class Stage:
                     break
                 step += 1
                 bar.update(step, loss_value)
-                if step % cfg.eval.every == 0 or step == t.steps:
+                if step % cfg.eval.every == 0 or step == t.steps or step in cfg.eval.at:
                     do_eval(step)
                     st = "done" if step == t.steps else "running"
                     side = self._save(model, opt, step, metrics, st, wall0 + time.perf_counter() - t0)
                 elif step in extra:  # metrics only; redone identically after a resume
                     do_eval(step)
+                if stop_after is not None and step - start >= stop_after and step < t.steps:
+                    side = self._save(model, opt, step, metrics, "running", wall0 + time.perf_counter() - t0)
+                    break
         finally:
             bar.close()
         if status == "diverged":
@@ -297,17 +306,6 @@ def log_steps(limit: int) -> set[int]:
         out |= {m * base for m in (1, 2, 5) if m * base <= limit}
         base *= 10
     return out
-
-
-def _eval_line(step: int, rows: list[dict], task: Task) -> str:
-    o_pt, o_ft = task.config.o_pt, task.config.o_ft
-    parts = []
-    for r in rows[:4]:
-        parts.append(f"{r['family'][:5]}/{r['operand']}/c{r['c_test']:g} {100 * r['acc']:.1f}%"
-                     f" (maj {100 * r['majority']:.0f}%)")
-    extra = len(rows) - 4
-    more = f" +{extra} sets" if extra > 0 else ""
-    return f"step {step:>6}: " + " | ".join(parts) + more + f"  [O_PT={o_pt}, O_FT={o_ft}]"
 
 
 class _Bar:
