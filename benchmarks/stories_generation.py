@@ -21,10 +21,7 @@ import time
 
 import torch
 
-from wrapperlab.models.llama import LlamaConfig, LlamaTransformer
-from wrapperlab.tasks.stories import load_shards
-from wrapperlab.tasks.tokenizer import Tokenizer
-from wrapperlab.training import checkpoint as ck
+from wrapperlab.analysis.evaluate import load_run
 from wrapperlab.training.generation import GenerationSettings, generation_score
 from wrapperlab.training.story_judge import load_judge
 
@@ -41,14 +38,8 @@ def main() -> None:
                                    "with the exact checker on these generations")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    side = ck.read_sidecar(a.run)
-    m = side["config"]["model"]
-    tok = Tokenizer.load(f"{a.run}/tokenizer.model")
-    model = LlamaTransformer(LlamaConfig(vocab_size=tok.vocab_size, seq_len=m["seq_len"], d_model=m["d_model"],
-                                         n_layer=m["n_layer"], n_head=m["n_head"]))
-    _, t = ck.load_tensors(a.run, side)
-    model.load_state_dict(ck.split_prefix(t, "model"))
-    test = load_shards(side["config"]["data"])[0]
+    _, task, model, _ = load_run(a.run)  # the run's model and its task (tokenizer, splits)
+    tok, test = task.tokenizer, task.split["test"]
     hooks = [("blocks.0.hook_resid_post", lambda x, hook: x)] if a.no_cache else []
     t0 = time.perf_counter()
     with model.hooks(hooks):

@@ -313,3 +313,33 @@ def test_probes_and_pruning_read_a_llama_model_through_its_components():
     d, hidden = 16, model.cfg.mlp_dim
     assert n == 2 * (4 * d + 2 * hidden + d)  # rows of wq, wk, wv, wo, w1, w3 (hidden each) and w2
     assert all(u.matrix in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3") for u in units)
+
+
+def test_every_analysis_is_reached_through_one_call_shape(counter):
+    """analyze(name, run) and analyze(name, model, task=...) dispatch through the registry to the same code as the
+    module functions; unknown names and settings, and missing components, are one-line errors before any work."""
+    from wrapperlab.analysis.probing import probe
+    from wrapperlab.analysis.registry import analyses, analyze
+    from wrapperlab.models.lstm import LSTMConfig, LSTMModel
+
+    assert {"probe", "prune", "attention", "attention_signature", "revival", "verdict", "feature_probe"} <= set(
+        analyses())
+    cfg, task, model, _ = load_run(counter)
+    s = ProbeSettings(n_train=200, n_test=100, iters=30)
+    via_registry = analyze("probe", model, task=task, settings=s)
+    direct = probe(model, task, family="count", settings=s)
+    assert via_registry.rows == direct.rows
+    pr = analyze("prune", counter, ks=(0, 1), n_grad=32, n_eval=40)
+    assert pr.meta["settings"]["c_tests"] == list(cfg.eval.c_test)  # the run's own test sets by default
+    assert {r["k"] for r in pr.rows} == {0, 1}
+    with pytest.raises(AnalysisError, match="unknown analysis 'nope'; choose from probe"):
+        analyze("nope", counter)
+    with pytest.raises(AnalysisError, match="unknown setting.*bogus"):
+        analyze("prune", counter, bogus=1)
+    with pytest.raises(AnalysisError, match="^n_grad: "):
+        analyze("prune", counter, n_grad=0)
+    lstm = LSTMModel(LSTMConfig(vocab_size=len(task.vocab), seq_len=task.seq_len, d_model=8, n_layer=1))
+    with pytest.raises(AnalysisError, match="^lstm has no attention pattern$"):
+        analyze("attention", lstm, task=task)
+    with pytest.raises(AnalysisError, match="needs a run directory"):
+        analyze("revival", model, task=task)

@@ -185,7 +185,7 @@ def test_a_failed_node_skips_its_dependants_and_the_rest_completes(tmp_path):
 @pytest.mark.parametrize("analysis, needle", [
     ({"tool": "prune", "on": "ft", "settings": {"ks": [-1, 2]}}, "ks"),
     ({"tool": "revival", "on": "ft", "where": {"lr": "S"}, "settings": {"lr": 1.0}}, "smaller"),
-    ({"tool": "attention", "on": "ft", "settings": {"n": 0}}, "attention"),
+    ({"tool": "attention_signature", "on": "ft", "settings": {"n": 0}}, "n"),
 ])
 def test_bad_analysis_settings_fail_at_planning(tmp_path, analysis, needle):
     spec = tiny_spec(analyses=[analysis])
@@ -300,7 +300,7 @@ def test_reproduce_presets_are_valid_specs_whose_every_config_resolves(tmp_path,
     groups = {n.group for n in plan.runs()}
     assert {"pt", "counter", "maxid"} <= groups
     tools = {n.group for n in plan.analyses()}
-    assert tools == {"probe", "prune", "revival", "verdict", "attention"}
+    assert tools == {"probe", "prune", "revival", "verdict", "attention_signature"}
     if preset == "paper":
         assert {n.side["config"]["preset"] for n in plan.runs()} == {"paper", "tracr-paper"}
         assert {n.side["config"]["train"]["steps"] for n in plan.runs("pt")} == {200_000, 50_000}

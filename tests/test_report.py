@@ -129,7 +129,7 @@ CAPABLE = {
     },
     "analyses": [{"tool": "prune", "on": "ft", "settings": {"ks": [0, 1, 2], "n_grad": 128, "n_eval": 100}},
                  {"tool": "verdict", "on": "ft"},
-                 {"tool": "attention", "on": "counter", "settings": {"n": 20}}],
+                 {"tool": "attention_signature", "on": "counter", "settings": {"n": 20}}],
 }
 
 
@@ -163,7 +163,7 @@ def test_claims_are_computed_from_stored_results(store, tmp_path):
     after = _claims(store, tmp_path / "r2")
     assert after["wrapper"]["status"] != before["wrapper"]["status"]
     # edit a stored attention signature (η_S: expected to stay on a)
-    (afile,) = list(store.glob("runs/finetune-*/analysis/attention-*.json"))
+    (afile,) = list(store.glob("runs/finetune-*/analysis/attention_signature-*.json"))
     d = json.loads(afile.read_text())
     d["rows"][0].update(attn_a=0.05, attn_b=0.9)
     afile.write_text(json.dumps(d))

@@ -64,16 +64,15 @@ def probe_cmd(
 ) -> None:
     """Linear probes per block (B0 = embedding output) for the O_PT and O_FT answers at the position that
     predicts the answer; with the pretrained model and a random-init model as controls (paper Fig. 8)."""
-    from wrapperlab.analysis.probing import ProbeSettings, probe_run, with_overrides
+    from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_probe
-    from wrapperlab.training.checkpoint import read_sidecar
 
     od = _out_dir(run, out_dir)
     _threads(threads)
+    given = {"n_train": n_train, "n_test": n_test, "iters": iters, "seed": seed, "family": family,
+             "controls": controls}
     with user_errors():
-        preset = read_sidecar(run)["config"].get("preset", "cpu")
-        s = with_overrides(ProbeSettings.for_preset(preset), n_train=n_train, n_test=n_test, iters=iters, seed=seed)
-        res = probe_run(run, settings=s, family=family, controls=controls)
+        res = analyze("probe", run, settings={k: v for k, v in given.items() if v is not None})
     files = [res.save(od / "probe.json"), plot_probe(res.rows, od / "probe.png", f"probes: {run}")]
     if not as_json:
         print_rows(res.tables["summary"], {"model": "model", "target": "target", "best_layer": "best layer",
@@ -108,8 +107,7 @@ def prune_cmd(
 ) -> None:
     """Single-step grad·w pruning on the pretraining-task loss: zero the global top-K units and measure O_PT and
     O_FT accuracy at c_test 0 and 1 against K, where the units sit, and the predicted-class histogram (Figs. 7, 59)."""
-    from wrapperlab.analysis.evaluate import load_run
-    from wrapperlab.analysis.pruning import PruneSettings, prune
+    from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_prune
 
     od = _out_dir(run, out_dir)
@@ -117,11 +115,10 @@ def prune_cmd(
         _fail(f"k_max: must be >= 0, got {k_max}")
     _threads(threads)
     with user_errors():
-        cfg, task, model, _ = load_run(run)
-        s = PruneSettings(ks=tuple(_ints(ks, "ks") or range(k_max + 1)), unit=unit,
-                          matrices=tuple(m.strip() for m in matrices.split(",") if m.strip()), n_grad=n_grad,
-                          n_eval=n_eval, seed=seed, c_tests=tuple(cfg.eval.c_test))
-        res = prune(model, task, family=cfg.eval_family, settings=s)
+        res = analyze("prune", run, ks=tuple(_ints(ks, "ks") or range(k_max + 1)), unit=unit,
+                      matrices=tuple(m.strip() for m in matrices.split(",") if m.strip()), n_grad=n_grad,
+                      n_eval=n_eval, seed=seed)
+    s = res.meta["settings"]
     files = [res.save(od / "prune.json"),
              plot_prune(res.rows, res.tables["histogram"], od / "prune.png", f"pruning ({unit}s): {run}")]
     if not as_json:
@@ -131,7 +128,7 @@ def prune_cmd(
                 f"{100 * r['acc']:.1f}"
         cols = {"k": "K", **{k: k for k in next(iter(wide.values())) if k != "k"}}
         print_rows(list(wide.values()), cols, f"accuracy % after pruning the top-K {unit}s of {run}")
-        print_rows(res.tables["units"][:max(s.ks)], {"rank": "rank", "block": "block", "matrix": "matrix",
+        print_rows(res.tables["units"][:max(s["ks"])], {"rank": "rank", "block": "block", "matrix": "matrix",
                                                      "kind": "kind", "index": "index", "score": "grad·w"},
                    "pruned units, in order")
     _emit(res, as_json, files)
@@ -153,30 +150,17 @@ def attention_cmd(
     """Attention maps per block and head for one example (token labels) or averaged over a batch; PNG plus a
     self-contained interactive HTML view. The table lists where the ART query (which predicts the answer)
     puts its attention, by key token."""
-    import numpy as np
-
-    from wrapperlab.analysis.attention import attention
-    from wrapperlab.analysis.evaluate import load_run
+    from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_attention
     from wrapperlab.report.html import attention_page
 
     od = _out_dir(run, out_dir)
-    if average < 0 or index < 0:
-        _fail("average and index must be >= 0")
-    if not 0 <= c_test <= 1:
-        _fail(f"c_test: must be in [0, 1], got {c_test}")
     with user_errors():
-        cfg, task, model, _ = load_run(run)
-        fam, op = family or cfg.eval_family, operand or cfg.task.o_pt
-        n = average or index + 1
-        try:
-            b = task.sample(n, np.random.default_rng([seed, 11]), family=fam, operand=op, c=c_test)
-        except (KeyError, ValueError) as e:
-            _fail(f"family/operand: {e}")
-        toks = task.answer_inputs(b.tokens if average else b.tokens[index:index + 1])
-        res = attention(model, toks, vocab=task.vocab, query=task.readout, layers=_ints(layers, "layers"))
-    what = (f"mean of {average} samples" if average
-            else f"sample {index}: {fam} {op}, answer {task.output_names[b.answer[index]]}")
+        lays = _ints(layers, "layers")
+        res = analyze("attention", run, family=family, operand=operand, c_test=c_test, average=average, index=index,
+                      layers=tuple(lays) if lays else None, seed=seed)
+    what = f"mean of {average} samples" if average else f"sample {index}: {family or 'the run family'} " \
+                                                         f"{operand or 'O_PT'}"
     pat = res.arrays["pattern"]
     files = [res.save(od / "attention.json"),
              plot_attention(pat, res.meta["labels"], res.meta["layers"], od / "attention.png", f"{run} — {what}"),
@@ -213,7 +197,7 @@ def revival_cmd(
     """Reverse fine-tune a fine-tuned run on the pretraining task and train the Scr.+FT and Scr. baselines
     with the same recipe (reusing finished runs under OUT/revival); curves of O_PT accuracy against steps
     (log x, Fig. 9) and the steps each needs to reach the target."""
-    from wrapperlab.analysis.revival import RevivalSettings, revival
+    from wrapperlab.analysis.registry import Context, analyze
     from wrapperlab.report.figures import plot_revival
 
     od = _out_dir(run, out_dir)
@@ -224,10 +208,10 @@ def revival_cmd(
         except ValueError:
             lr_v = lr
     with user_errors():
-        s = RevivalSettings(lr=lr_v, steps=steps, baselines=tuple(b for b in baselines.split(",") if b.strip()),
-                            fraction=fraction, threads=threads or 0, scratch_steps=scratch_steps)
-        res = revival(run, od / "revival", settings=s, progress=progress and not as_json,
+        ctx = Context(out=od / "revival", progress=progress and not as_json,
                       log=lambda m: err.print(m, highlight=False, markup=False))
+        res = analyze("revival", run, context=ctx, lr=lr_v, steps=steps, fraction=fraction, threads=threads or 0,
+                      baselines=tuple(b for b in baselines.split(",") if b.strip()), scratch_steps=scratch_steps)
     files = [res.save(od / "revival.json"),
              plot_revival(res.rows, res.meta["target"], od / "revival.png", f"revival: {run}")]
     if not as_json:
@@ -251,58 +235,43 @@ def verdict_cmd(
     """wrapper / deletion / amplification / unchanged for a fine-tuned run, with every piece of evidence and
     the threshold it was held to. Reuses probe.json, prune.json and revival.json from --out when present and
     computes the missing ones with their default settings."""
-    from dataclasses import replace
-
     from wrapperlab.analysis.common import Result
-    from wrapperlab.analysis.evaluate import load_run
-    from wrapperlab.analysis.probing import ProbeSettings, probe_run
-    from wrapperlab.analysis.pruning import PruneSettings, prune
-    from wrapperlab.analysis.revival import revival as run_revival
-    from wrapperlab.analysis.verdict import Thresholds, verdict
+    from wrapperlab.analysis.registry import Context, analyze, get_analysis
     from wrapperlab.training.checkpoint import read_sidecar
 
     od = _out_dir(run, out_dir)
-    th = Thresholds()
+    values: dict = {}
     for item in threshold or []:
         key, sep, val = item.partition("=")
-        if not sep or key not in Thresholds.names():
-            _fail(f"--set: expected NAME=VALUE with NAME in {', '.join(Thresholds.names())}, got {item!r}")
-        try:
-            th = replace(th, **{key: int(val) if key == "prune_k" else float(val)})
-        except ValueError:
-            _fail(f"{key}: expected a number, got {val!r}")
+        if not sep or key not in get_analysis("verdict").setting_names():
+            _fail(f"--set: expected NAME=VALUE with NAME in {', '.join(get_analysis('verdict').setting_names())}, "
+                  f"got {item!r}")
+        values[key] = val
     _threads(threads)
 
     def log(m: str) -> None:
         err.print(m, highlight=False, markup=False)
 
     with user_errors():
+        th = get_analysis("verdict").make_settings(values)
         side = read_sidecar(run)
-        th.check()
         if side.get("stage") != "finetune":
             _fail(f"run: verdict needs a finetune run; {run} is a {side.get('stage')} run")
-        parts: dict[str, Result | None] = {}
-        for name in ("probe", "prune", "revival"):
+        defaults = {"prune": {"ks": tuple(range(th.prune_k + 1))}}  # the sweep the threshold reads
+        inputs: dict[str, Result] = {}
+        for name in get_analysis("verdict").inputs:
             path = od / f"{name}.json"
             if path.is_file():
-                parts[name] = Result.load(path)
+                inputs[name] = Result.load(path)
                 log(f"{name}: reusing {path}")
             elif name == "revival" and not revival:
-                parts[name] = None
+                continue
             else:
                 log(f"{name}: computing (default settings) -> {path}")
-                if name == "probe":
-                    res = probe_run(run, settings=ProbeSettings.for_preset(side["config"].get("preset", "cpu")))
-                elif name == "prune":
-                    cfg, task, model, _ = load_run(run)
-                    res = prune(model, task, family=cfg.eval_family,
-                                settings=PruneSettings(ks=tuple(range(th.prune_k + 1)),
-                                                       c_tests=tuple(cfg.eval.c_test)))
-                else:
-                    res = run_revival(run, od / "revival", log=log)
+                res = analyze(name, run, settings=defaults.get(name), context=Context(out=od / name, log=log))
                 res.save(path)
-                parts[name] = res
-        res = verdict(side, probe=parts["probe"], prune=parts["prune"], revival=parts["revival"], thresholds=th)
+                inputs[name] = res
+        res = analyze("verdict", run, settings=th, context=Context(inputs=inputs))
     files = [res.save(od / "verdict.json")]
     if not as_json:
         print_rows(res.rows, {"evidence": "evidence", "measured": "measured", "threshold": "threshold",

@@ -15,12 +15,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wrapperlab.training import checkpoint as ck
 
 
 class AnalysisError(ValueError):
     """A problem with an analysis request, reported to the user as one line."""
+
+
+class Settings(BaseModel):
+    """An analysis's settings: typed, validated at construction (a bad value is a one-line ``AnalysisError`` naming
+    the field), immutable; ``replace(**changes)`` validates again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "settings"
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            raise AnalysisError(f"{loc}: {err['msg'].removeprefix('Value error, ')}{shown}") from None
+
+    def check(self):
+        return self
+
+    def replace(self, **changes: Any):
+        return type(self)(**{**self.model_dump(), **changes})
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
 
 
 def need(model, component: str):

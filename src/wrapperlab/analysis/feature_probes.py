@@ -15,32 +15,24 @@ label) beside the probe's accuracy, which is the number a probe claim has to bea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from wrapperlab.analysis.common import AnalysisError, Result, need
+from wrapperlab.analysis.common import AnalysisError, Result, Settings, need
+from wrapperlab.analysis.probing import fit_linear_probes
 
 
-@dataclass(frozen=True)
-class FeatureProbeSettings:
-    last: int = 10  # positions averaged at the end of each sequence
-    iters: int = 2000
-    lr: float = 1e-3
-    batch_size: int = 128
+class FeatureProbeSettings(Settings):
+    last: int = Field(10, ge=1, description="positions averaged at the end of each sequence")
+    iters: int = Field(2000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
     standardize: bool = True
-    seed: int = 0
-    forward_batch: int = 64
-
-    def check(self) -> FeatureProbeSettings:
-        for name in ("last", "iters", "batch_size", "forward_batch"):
-            if getattr(self, name) < 1:
-                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise AnalysisError(f"lr: must be > 0 (got {self.lr})")
-        return self
+    seed: int = Field(0, ge=0)
+    forward_batch: int = Field(64, ge=1)
 
 
 def probe_layers(n_layer: int) -> list[tuple[str, str]]:
@@ -65,35 +57,19 @@ def pooled_residuals(model, tokens: torch.Tensor, last: int = 10, batch: int = 6
 
 def train_feature_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                          s: FeatureProbeSettings) -> np.ndarray:
-    """One bias-free multi-label probe per leading slice of ``x`` ((P, n, d) features, (n, F) 0/1 labels);
-    returns held-out accuracy per (probe, feature), shape (P, F)."""
-    p, n, d = x_train.shape
-    f = y_train.shape[1]
-    if s.standardize:
-        mu = x_train.mean(1, keepdim=True)
-        sd = x_train.std(1, keepdim=True).clamp_min(1e-6)
-        x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
-    g = torch.Generator().manual_seed(s.seed)
-    w = torch.zeros(p, d, f, requires_grad=True)
-    opt = torch.optim.AdamW([w], lr=s.lr, weight_decay=0.0)
-    y_train = y_train.float()
-    for _ in range(s.iters):
-        idx = torch.randint(0, n, (min(s.batch_size, n),), generator=g)
-        logits = torch.bmm(x_train[:, idx], w)  # (P, batch, F)
-        loss = F.binary_cross_entropy_with_logits(logits, y_train[idx].expand(p, -1, -1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = torch.bmm(x_test, w) > 0
-    return (pred == y_test.bool()[None]).float().mean(1).numpy()
+    """Held-out accuracy per (probe, feature) of one bias-free multi-label probe per leading slice of ``x``
+    ((P, n, d) features, (n, F) 0/1 labels), shape (P, F); the one probe trainer, constant LR."""
+    out = fit_linear_probes(x_train, y_train, x_test, y_train.shape[1], multilabel=True, bias=False, lr=s.lr,
+                            weight_decay=0.0, iters=s.iters, batch_size=s.batch_size, standardize=s.standardize,
+                            seed=s.seed)
+    return ((out > 0) == y_test.bool()[None]).float().mean(1).numpy()
 
 
 def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, tokens_test: torch.Tensor,
                    y_test: np.ndarray, features: list[str], *, settings: FeatureProbeSettings | None = None,
                    label: str = "model") -> Result:
     """Probe accuracy per (layer, feature). Rows: model, layer, layer_index, feature, acc, base_rate, n_test."""
-    s = (settings or FeatureProbeSettings()).check()
+    s = settings or FeatureProbeSettings()
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     if y_train.ndim != 2 or y_train.shape[1] != len(features) or y_test.shape[1:] != y_train.shape[1:]:
         raise AnalysisError(f"labels: need (n, {len(features)}) 0/1 arrays for features {features}")
@@ -111,5 +87,51 @@ def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, token
         for j, feat in enumerate(features):
             rows.append({"model": label, "layer": name, "layer_index": i, "feature": feat, "acc": float(acc[i, j]),
                          "base_rate": float(max(rate[j], 1 - rate[j])), "n_test": int(y_test.shape[0])})
-    return Result("feature_probe", rows, {"settings": asdict(s), "pooling": f"mean of the last {s.last} positions",
+    return Result("feature_probe", rows, {"settings": s.to_dict(), "pooling": f"mean of the last {s.last} positions",
                                           "layers": [n for n, _ in probe_layers(n_layer)]})
+
+
+class FeatureProbeRunSettings(Settings):
+    """Fig. 11a's probes on a story run: trained on ``n_train`` stories of the pretraining split, measured on
+    ``n_test`` of the test split (each at most the split's size)."""
+
+    n_train: int = Field(1500, ge=1)
+    n_test: int = Field(500, ge=1)
+    iters: int = Field(2000, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+def feature_probe_run(run_dir: str | Path, *, settings: FeatureProbeRunSettings | None = None,
+                      device: str = "cpu") -> Result:
+    """Fig. 11a's probes on one finished story run: story text only (the instruction stripped), BOS-prefixed,
+    left-padded with other stories' text to the model's context; trained on the pretraining split (the paper's
+    ``pretrain-all``), measured on the test split."""
+    from wrapperlab.analysis.evaluate import load_run
+    from wrapperlab.tasks.stories import STORY_FEATURES
+    from wrapperlab.tasks.story_corpus import left_padded
+
+    s = settings or FeatureProbeRunSettings()
+    run_dir = Path(run_dir)
+    cfg, task, model, side = load_run(run_dir, device)
+    if side.get("status") != "done":
+        raise AnalysisError(f"{run_dir}: the run is not finished (status {side.get('status')})")
+    if cfg.task.kind != "story":
+        raise AnalysisError(f"{run_dir}: feature probes need a story run (this is a {cfg.task.kind} run)")
+    tok, split = task.tokenizer, task.split
+    seq = task.seq_len
+    rng = np.random.default_rng([s.seed, 11])
+
+    def tokens(records, n):
+        pick = [records[int(i)] for i in rng.choice(len(records), size=min(n, len(records)), replace=False)]
+        ends = [tok.encode(r.story) for r in pick]
+        fillers = [tok.encode(r.story) for r in records[:512]]
+        y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
+        return left_padded(ends, fillers, seq, rng), y
+
+    xtr, ytr = tokens(split["pretrain"], s.n_train)
+    xte, yte = tokens(split["test"], s.n_test)
+    res = feature_probes(model, xtr, ytr, xte, yte, list(STORY_FEATURES), label=run_dir.name,
+                         settings=FeatureProbeSettings(iters=s.iters, seed=s.seed))
+    res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir), "n_train": int(len(ytr)),
+                     "n_test": int(len(yte)), "input": "story only, BOS-prefixed, left-padded to the context"})
+    return res

@@ -24,32 +24,34 @@ embeddings), so the control shows how much of a probe's accuracy is the model's 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from wrapperlab.analysis.common import AnalysisError, Result, ancestor, need
+from wrapperlab.analysis.common import Result, Settings, ancestor, need
 from wrapperlab.analysis.evaluate import load_run
+from wrapperlab.tasks.registry import get_task_kind
 from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.training.evaluation import majority_rate
 from wrapperlab.training.stage import build_model
 
 
-@dataclass(frozen=True)
-class ProbeSettings:
-    n_train: int = 4000
-    n_test: int = 1000
-    iters: int = 1500
-    lr: float = 1e-3
+class ProbeSettings(Settings):
+    n_train: int = Field(4000, ge=1)
+    n_test: int = Field(1000, ge=1)
+    iters: int = Field(1500, ge=1)
+    lr: float = Field(1e-3, gt=0)
     milestones: tuple[float, ...] = (0.5, 0.75, 0.875)  # fractions of iters (paper: 2K, 3K, 3.5K of 4K)
-    batch_size: int = 256
-    weight_decay: float = 0.01
+    batch_size: int = Field(256, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
     standardize: bool = True
-    c_test: float = 0.0
-    seed: int = 0
+    c_test: float = Field(0.0, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+    family: str | None = Field(None, description="task family probed (default: the run's)")
+    controls: bool = Field(True, description="also probe the pretrained ancestor and a random-init model")
 
     @classmethod
     def paper(cls) -> ProbeSettings:
@@ -58,16 +60,6 @@ class ProbeSettings:
     @classmethod
     def for_preset(cls, preset: str) -> ProbeSettings:
         return cls.paper() if preset == "paper" else cls()
-
-    def check(self) -> ProbeSettings:
-        for name in ("n_train", "n_test", "iters", "batch_size"):
-            if getattr(self, name) < 1:
-                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise AnalysisError(f"lr: must be > 0 (got {self.lr})")
-        if not 0 <= self.c_test <= 1:
-            raise AnalysisError(f"c_test: must be in [0, 1] (got {self.c_test})")
-        return self
 
 
 def layer_names(model) -> list[tuple[str, str]]:
@@ -93,45 +85,67 @@ def residual_features(model, tokens: np.ndarray, position: int, batch_size: int 
     return torch.cat(parts, dim=1)
 
 
-def train_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                 n_classes: int, s: ProbeSettings) -> np.ndarray:
-    """Train one linear probe per leading slice of ``x`` ((P, n, d) features, (n,) int labels); returns the
-    held-out accuracy of each probe, shape (P,)."""
-    p, _, d = x_train.shape
-    if s.standardize:
+def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, out_dim: int, *,
+                      multilabel: bool = False, bias: bool = True, lr: float = 1e-3, weight_decay: float = 0.0,
+                      iters: int = 1000, milestones: tuple[float, ...] = (), batch_size: int = 256,
+                      standardize: bool = True, seed: int = 0) -> torch.Tensor:
+    """The one probe trainer: a linear probe per leading slice of ``x`` ((P, n, d) frozen features), trained at once
+    as a batched map (each probe has its own parameters and loss term, so this equals training them apart). Softmax
+    cross-entropy on (n,) class labels, or (``multilabel``) binary cross-entropy on (n, out_dim) 0/1 labels; AdamW,
+    the LR times 0.1 at each of ``milestones`` (fractions of ``iters``); features standardised with the training
+    pool's mean and std. Returns the probes' logits on ``x_test``: (P, n_test, out_dim)."""
+    p, n, d = x_train.shape
+    if standardize:
         mu = x_train.mean(1, keepdim=True)
         sd = x_train.std(1, keepdim=True).clamp_min(1e-6)
         x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
-    g = torch.Generator().manual_seed(s.seed)
-    w = torch.zeros(p, d, n_classes, requires_grad=True)
-    b = torch.zeros(p, 1, n_classes, requires_grad=True)
-    opt = torch.optim.AdamW([w, b], lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m * s.iters) for m in s.milestones], gamma=0.1)
-    n = x_train.shape[1]
-    for _ in range(s.iters):
-        idx = torch.randint(0, n, (min(s.batch_size, n),), generator=g)
-        logits = torch.baddbmm(b, x_train[:, idx], w)  # (P, batch, C)
-        loss = F.cross_entropy(logits.reshape(-1, n_classes), y_train[idx].repeat(p), reduction="sum")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(p, d, out_dim, requires_grad=True)
+    b = torch.zeros(p, 1, out_dim, requires_grad=True) if bias else None
+    opt = torch.optim.AdamW([w] + ([b] if bias else []), lr=lr, weight_decay=weight_decay)
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, [int(m * iters) for m in milestones], gamma=0.1)
+             if milestones else None)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(b, x, w) if bias else torch.bmm(x, w)
+
+    y_train = y_train.float() if multilabel else y_train
+    for _ in range(iters):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+        out = logits(x_train[:, idx])  # (P, batch, out_dim)
+        if multilabel:
+            loss = F.binary_cross_entropy_with_logits(out, y_train[idx].expand(p, -1, -1))
+        else:
+            loss = F.cross_entropy(out.reshape(-1, out_dim), y_train[idx].repeat(p), reduction="sum") / idx.numel()
         opt.zero_grad(set_to_none=True)
-        (loss / idx.numel()).backward()
+        loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
     with torch.no_grad():
-        pred = torch.baddbmm(b, x_test, w).argmax(-1)
-    return (pred == y_test[None]).float().mean(1).numpy()
+        return logits(x_test)
+
+
+def train_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 n_classes: int, s: ProbeSettings) -> np.ndarray:
+    """Held-out accuracy of one softmax probe per leading slice of ``x`` ((P, n, d) features, (n,) int labels),
+    shape (P,)."""
+    out = fit_linear_probes(x_train, y_train, x_test, n_classes, lr=s.lr, weight_decay=s.weight_decay, iters=s.iters,
+                            milestones=s.milestones, batch_size=s.batch_size, standardize=s.standardize, seed=s.seed)
+    return (out.argmax(-1) == y_test[None]).float().mean(1).numpy()
 
 
 def _data(task: PCFGTask, family: str, operand: str, n: int, c: float, seed: int, salt: int):
     return task.sample(n, np.random.default_rng([seed, salt, ord(operand)]), family=family, operand=operand, c=c)
 
 
-def probe(model, task: PCFGTask, *, family: str = "count", operands: dict[str, str] | None = None,
+def probe(model, task: PCFGTask, *, family: str | None = None, operands: dict[str, str] | None = None,
           settings: ProbeSettings | None = None, label: str = "model") -> Result:
     """Per-layer probe accuracy for each target. ``operands`` maps a target name to an operand (default
     ``{"O_PT": o_pt, "O_FT": o_ft}``). Rows: model, layer, layer_index, target, operand, acc, majority."""
-    s = (settings or ProbeSettings()).check()
-    cfg = task.config
-    operands = operands or {"O_PT": cfg.o_pt, "O_FT": cfg.o_ft}
+    s = settings or ProbeSettings()
+    family = family or s.family or get_task_kind(task.config.kind).default_family(task.config)
+    operands = operands or task.probe_targets()
     pos = task.readout_pos
     layers = layer_names(model)
     rows = []
@@ -145,7 +159,7 @@ def probe(model, task: PCFGTask, *, family: str = "count", operands: dict[str, s
         for i, (name, _) in enumerate(layers):
             rows.append({"model": label, "layer": name, "layer_index": i, "target": target, "operand": op,
                          "family": family, "acc": float(acc[i]), "majority": maj, "n_test": s.n_test})
-    return Result("probe", rows, {"settings": asdict(s), "position": "ART (predicts Ans)", "family": family})
+    return Result("probe", rows, {"settings": s.to_dict(), "position": "ART (predicts Ans)", "family": family})
 
 
 def probe_run(run_dir: str | Path, *, settings: ProbeSettings | None = None, family: str | None = None,
@@ -154,7 +168,8 @@ def probe_run(run_dir: str | Path, *, settings: ProbeSettings | None = None, fam
     (all on the same probe data)."""
     cfg, task, model, side = load_run(run_dir, device)
     s = settings or ProbeSettings.for_preset(cfg.preset)
-    fam = family or cfg.eval_family
+    fam = family or s.family or cfg.eval_family
+    controls = controls and s.controls
     subjects = [(side.get("stage", "model"), model)]
     if controls:
         pt = ancestor(run_dir, "pretrain")
@@ -165,7 +180,7 @@ def probe_run(run_dir: str | Path, *, settings: ProbeSettings | None = None, fam
     rows: list[dict] = []
     for label, m in subjects:
         rows += probe(m, task, family=fam, settings=s, label=label).rows
-    meta = {"settings": asdict(s), "run": str(run_dir), "stage": side.get("stage"), "family": fam,
+    meta = {"settings": s.to_dict(), "run": str(run_dir), "stage": side.get("stage"), "family": fam,
             "position": "ART (predicts Ans)", "models": [lab for lab, _ in subjects]}
     return Result("probe", rows, meta, {"summary": probe_summary(rows)})
 
@@ -182,4 +197,4 @@ def probe_summary(rows: list[dict]) -> list[dict]:
 
 
 def with_overrides(s: ProbeSettings, **kw) -> ProbeSettings:
-    return replace(s, **{k: v for k, v in kw.items() if v is not None}).check()
+    return s.replace(**{k: v for k, v in kw.items() if v is not None})

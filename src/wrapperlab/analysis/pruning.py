@@ -27,40 +27,43 @@ that is only a collapse onto one class shows up there, and cannot exceed the set
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from wrapperlab.analysis.common import AnalysisError, Result, need
+from wrapperlab.analysis.common import AnalysisError, Result, Settings, need
 from wrapperlab.models.registry import Matrix
 from wrapperlab.tasks.task import PCFGTask
 from wrapperlab.training.evaluation import build_eval_sets, evaluate_sets, predict
 
 
-@dataclass(frozen=True)
-class PruneSettings:
+class PruneSettings(Settings):
     ks: tuple[int, ...] = tuple(range(16))  # Fig. 7: 0..15
-    unit: str = "neuron"
+    unit: Literal["neuron", "weight"] = "neuron"
     matrices: tuple[str, ...] = ()  # () = the model family's default (gpt: attn.qkv, attn.proj, mlp.fc, mlp.proj)
-    n_grad: int = 1024
-    n_eval: int = 500
+    n_grad: int = Field(1024, ge=1)
+    n_eval: int = Field(500, ge=1)
     c_tests: tuple[float, ...] = (0.0, 1.0)
-    seed: int = 0
-    units_listed: int = 100
+    seed: int = Field(0, ge=0)
+    units_listed: int = Field(100, ge=0)
 
-    def check(self) -> PruneSettings:
-        if self.unit not in ("neuron", "weight"):
-            raise AnalysisError(f"unit: must be 'neuron' or 'weight' (got {self.unit!r})")
-        if not self.ks or min(self.ks) < 0:
-            raise AnalysisError(f"ks: need one or more K >= 0 (got {list(self.ks)})")
-        for name in ("n_grad", "n_eval"):
-            if getattr(self, name) < 1:
-                raise AnalysisError(f"{name}: must be >= 1 (got {getattr(self, name)})")
-        if any(not 0 <= c <= 1 for c in self.c_tests):
-            raise AnalysisError(f"c_tests: every value must be in [0, 1] (got {list(self.c_tests)})")
-        return self
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 0:
+            raise ValueError(f"need one or more K >= 0 (got {list(v)})")
+        return v
+
+    @field_validator("c_tests")
+    @classmethod
+    def _c_tests(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= c <= 1 for c in v):
+            raise ValueError(f"every value must be in [0, 1] (got {list(v)})")
+        return v
 
 
 @dataclass
@@ -103,7 +106,7 @@ def saliency(model, task: PCFGTask, *, family: str = "count", settings: PruneSet
              top: int | None = None) -> tuple[list[Unit], int]:
     """The ``top`` highest-scoring candidate units (all if None), highest first — ties keep parameter order —
     and the number of candidates."""
-    s = (settings or PruneSettings()).check()
+    s = settings or PruneSettings()
     was = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -165,7 +168,7 @@ def prune(model, task: PCFGTask, *, family: str = "count",
     """Accuracy against K for the top-K pruned units. Rows: k, operand, target (O_PT/O_FT), c_test, acc,
     majority[, follows_spurious]. Side tables: ``units`` (the ranked units), ``histogram`` (predicted classes
     on the O_PT c_test=0 set for every K, and the true answers as k = "truth")."""
-    s = (settings or PruneSettings()).check()
+    s = settings or PruneSettings()
     n_list = max(s.units_listed, max(s.ks))
     units, n_candidates = saliency(model, task, family=family, settings=s, top=n_list)
     sets = build_eval_sets(task, family, list(s.c_tests), s.n_eval, s.seed + 1)
@@ -189,7 +192,7 @@ def prune(model, task: PCFGTask, *, family: str = "count",
         for t, c in zip(*np.unique(pred, return_counts=True)):
             hist.append({"k": k, "class": names[int(t)], "count": int(c)})
     listed = [u.row(i + 1) for i, u in enumerate(units)]
-    meta = {"settings": asdict(s), "family": family, "n_candidates": n_candidates,
+    meta = {"settings": s.to_dict(), "family": family, "n_candidates": n_candidates,
             "matrices": list(dict.fromkeys(m.name for m in _candidates(model, s.matrices))),
             "objective": f"CE of {family} {task.config.o_pt} (c=0), n={s.n_grad}"}
     return Result("prune", rows, meta, {"units": listed, "histogram": hist,

@@ -18,10 +18,13 @@ accuracy, or "not reached" within the steps run. The pretrained accuracy is the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from wrapperlab.analysis.common import AnalysisError, Result, metric_at
+from pydantic import Field
+
+from wrapperlab.analysis.common import AnalysisError, Result, Settings, metric_at
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, build_config, validate
 from wrapperlab.training.presets import named_lrs, preset_dict
@@ -30,27 +33,14 @@ from wrapperlab.training.stage import Stage, default_run_dir, resolve
 CURVES = ("reft", "scr+ft", "scr")
 
 
-@dataclass(frozen=True)
-class RevivalSettings:
+class RevivalSettings(Settings):
     lr: float | str | None = None  # None: see module docstring; a name (S, VS, ...) or a number
-    steps: int | None = None  # None: the preset's reFT steps
-    baselines: tuple[str, ...] = ("scr+ft", "scr")
-    fraction: float = 0.9
-    every: int | None = None  # evaluation/checkpoint cadence; None: steps // 10
-    scratch_steps: int | None = None  # steps of the O_FT scratch model behind Scr.+FT; None: the preset's
-    threads: int = 0
-
-    def check(self) -> RevivalSettings:
-        bad = [b for b in self.baselines if b not in CURVES[1:]]
-        if bad:
-            raise AnalysisError(f"baselines: unknown {bad}; choose from scr+ft, scr")
-        for name in ("steps", "scratch_steps", "every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise AnalysisError(f"{name}: must be >= 1 (got {v})")
-        if not 0 < self.fraction <= 1:
-            raise AnalysisError(f"fraction: must be in (0, 1] (got {self.fraction})")
-        return self
+    steps: int | None = Field(None, ge=1)  # None: the preset's reFT steps
+    baselines: tuple[Literal["scr+ft", "scr"], ...] = ("scr+ft", "scr")
+    fraction: float = Field(0.9, gt=0, le=1)
+    every: int | None = Field(None, ge=1)  # evaluation/checkpoint cadence; None: steps // 10
+    scratch_steps: int | None = Field(None, ge=1)  # steps of the O_FT scratch model behind Scr.+FT; None: the preset's
+    threads: int = Field(0, ge=0)
 
 
 def default_reft_lr(preset: str, ft_lr: float) -> float:
@@ -73,14 +63,15 @@ class RevivalRun:
     name: str
     curve: str | None
     stage: str
-    overrides: tuple[str, ...]
-    extra: dict
+    values: dict  # overrides, as data ({dotted key or short name: value})
+    extra: dict  # whole sections merged last (the fine-tuned run's task and model)
     parent: str | None
 
     def raw(self, parent_dir: str | Path | None) -> dict:
-        extra = dict(self.extra)
-        over = list(self.overrides) + ([f"parent={Path(parent_dir).resolve()}"] if parent_dir is not None else [])
-        return build_config(self.stage, extra.pop("preset"), None, over, extra)
+        extra, values = dict(self.extra), dict(self.values)
+        if parent_dir is not None:
+            values["parent"] = str(Path(parent_dir).resolve())
+        return build_config(self.stage, extra.pop("preset"), values=values, extra=extra)
 
 
 def revival_runs(cfg, s: RevivalSettings) -> tuple[list[RevivalRun], dict]:
@@ -94,14 +85,14 @@ def revival_runs(cfg, s: RevivalSettings) -> tuple[list[RevivalRun], dict]:
         raise AnalysisError(f"lr: unknown name {lr!r}; use one of {', '.join(lrs)} or a number")
     steps = s.steps or preset_dict(cfg.preset, "reft")["train"]["steps"]
     every = s.every or max(1, steps // 10)
-    recipe = (f"lr={lr!r}", f"steps={steps}", f"eval.every={every}", "eval.log_spaced=true",
-              f"family={fam}", f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}")
+    recipe = {"lr": lr, "steps": steps, "eval.every": every, "eval.log_spaced": True, "family": fam,
+              "eval.n": cfg.eval.n, "eval.seed": cfg.eval.seed}
     base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
     shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     reft = RevivalRun("reft", "reft", "reft", recipe, base, "ft")
     runs = [reft]
     if "scr+ft" in s.baselines:
-        scr = (f"family={fam}", f"operand={o_ft}") + ((f"steps={s.scratch_steps}",) if s.scratch_steps else ())
+        scr = {"family": fam, "operand": o_ft, **({"steps": s.scratch_steps} if s.scratch_steps else {})}
         runs.append(RevivalRun(f"scratch-{o_ft}", None, "scratch", scr, {**base, **shape}, None))
         runs.append(RevivalRun("scratch-ft", "scr+ft", "scratch+ft", recipe, base, f"scratch-{o_ft}"))
     if "scr" in s.baselines:
@@ -114,8 +105,8 @@ def revival_runs(cfg, s: RevivalSettings) -> tuple[list[RevivalRun], dict]:
             raise AnalysisError(str(e)) from None
         train = {k: v for k, v in reft_cfg.train.model_dump(mode="json").items() if k != "c_train"}
         train["operand"] = o_pt
-        runs.append(RevivalRun("scratch", "scr", "scratch", (f"eval.every={every}", "eval.log_spaced=true",
-                                                              f"eval.n={cfg.eval.n}", f"eval.seed={cfg.eval.seed}"),
+        runs.append(RevivalRun("scratch", "scr", "scratch", {"eval.every": every, "eval.log_spaced": True,
+                                                              "eval.n": cfg.eval.n, "eval.seed": cfg.eval.seed},
                                {**base, **shape, "train": train}, None))
     return runs, {"lr": lr, "steps": steps}
 
@@ -145,7 +136,7 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
     ``runs_root`` (an experiment store's run directory) every run goes there under its canonical name instead.
     Rows: curve, step, acc (O_PT, c_test = 0), majority. Side table ``summary``: curve, lr, steps,
     steps_to_target (None = not reached), target, final_acc."""
-    s = (settings or RevivalSettings()).check()
+    s = settings or RevivalSettings()
     log = log or (lambda _m: None)
     side = ck.read_sidecar(ft_run)
     if side.get("stage") != "finetune" or side.get("status") != "done":
@@ -177,6 +168,6 @@ def revival(ft_run: str | Path, out: str | Path, *, settings: RevivalSettings | 
         summary.append({"curve": curve, "lr": sd["config"]["train"]["lr"], "steps": sd["config"]["train"]["steps"],
                         "steps_to_target": hit, "target": target, "start_acc": pts[0]["acc"],
                         "final_acc": pts[-1]["acc"], "run": str(curve_dirs[curve])})
-    meta = {"settings": asdict(s), "run": str(ft_run), "lr": lr, "steps": steps, "pretrained_acc": pretrained,
+    meta = {"settings": s.to_dict(), "run": str(ft_run), "lr": lr, "steps": steps, "pretrained_acc": pretrained,
             "target": target, "family": fam, "operand": o_pt, "ft_lr": cfg.train.lr}
     return Result("revival", rows, meta, {"summary": summary})

@@ -23,32 +23,23 @@ behaviour was lost, each measured mechanistic item (2–4) votes "still there" o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from pydantic import Field
 
-from wrapperlab.analysis.common import AnalysisError, Result, metric_at
+from wrapperlab.analysis.common import AnalysisError, Result, Settings, metric_at
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    behaviour_drop: float = 0.20  # PT accuracy lost (absolute) that counts as "behaviour lost"
-    ft_gain: float = 0.20  # FT accuracy gained at c_test=0 that counts as "FT capability learned"
-    probe_tolerance: float = 0.10  # best-layer O_PT probe within this of the pretrained model's
-    probe_control_margin: float = 0.20  # ... and at least this above the random-init control
-    prune_k: int = 15  # at most this many units pruned (paper Fig. 7: 5-15 neurons)
-    prune_gain: float = 0.30  # O_PT accuracy gained by pruning
-    revival_ratio: float = 0.5  # reFT needs at most this fraction of the Scr.+FT steps
+class Thresholds(Settings):
+    behaviour_drop: float = Field(0.20, ge=0, le=1)  # PT accuracy lost (absolute) that counts as "behaviour lost"
+    ft_gain: float = Field(0.20, ge=0, le=1)  # FT accuracy gained at c_test=0 that counts as "FT capability learned"
+    probe_tolerance: float = Field(0.10, ge=0, le=1)  # best-layer O_PT probe within this of the pretrained model's
+    probe_control_margin: float = Field(0.20, ge=0, le=1)  # ... and at least this above the random-init control
+    prune_k: int = Field(15, ge=0)  # at most this many units pruned (paper Fig. 7: 5-15 neurons)
+    prune_gain: float = Field(0.30, ge=0, le=1)  # O_PT accuracy gained by pruning
+    revival_ratio: float = Field(0.5, ge=0, le=1)  # reFT needs at most this fraction of the Scr.+FT steps
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def check(self) -> Thresholds:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not v >= 0 or (f.name != "prune_k" and v > 1):
-                rng = ">= 0" if f.name == "prune_k" else "in [0, 1]"
-                raise AnalysisError(f"{f.name}: must be {rng} (got {v})")
-        return self
+        return list(cls.model_fields)
 
 
 def _row(evidence: str, measured: str, value, threshold: str, passed: bool | None, supports: str) -> dict:
@@ -56,10 +47,47 @@ def _row(evidence: str, measured: str, value, threshold: str, passed: bool | Non
             "passed": passed, "supports": supports}
 
 
+# ---------------------------------------------------------------------------------- the rules, one per signal
+# Each returns None when the result lacks what the rule reads, else (passed, the numbers it compared). The verdict
+# and the report's claims table both call them, so a claim and a verdict can never apply different rules.
+def probe_check(probe: Result, th: Thresholds, model: str = "finetune") -> tuple[bool, dict] | None:
+    """O_PT still linearly readable: best-layer probe within ``probe_tolerance`` of the pretrained model's and at
+    least ``probe_control_margin`` above a random-init model's."""
+    summ = {(r["model"], r["target"]): r for r in probe.tables.get("summary", [])}
+    me, pre, ctl = summ.get((model, "O_PT")), summ.get(("pretrained", "O_PT")), summ.get(("random-init", "O_PT"))
+    if not (me and pre and ctl):
+        return None
+    ok = me["acc"] >= pre["acc"] - th.probe_tolerance and me["acc"] >= ctl["acc"] + th.probe_control_margin
+    return ok, {"me": me, "pretrained": pre, "control": ctl}
+
+
+def prune_check(prune: Result, th: Thresholds) -> tuple[bool, dict] | None:
+    """Pruning at most ``prune_k`` units raises O_PT accuracy (c_test 0) by ``prune_gain``, to above the majority
+    rate (a gain that is a collapse onto one class does not count)."""
+    sub = sorted((r for r in prune.where(target="O_PT", c_test=0.0) if r["k"] <= th.prune_k), key=lambda r: r["k"])
+    if not sub:
+        return None
+    best = max(sub, key=lambda r: (r["acc"], -r["k"]))
+    gain = best["acc"] - sub[0]["acc"]
+    return gain >= th.prune_gain and best["acc"] > best["majority"], {"base": sub[0], "best": best, "gain": gain}
+
+
+def revival_check(revival: Result, th: Thresholds) -> tuple[bool, dict] | None:
+    """reFT reaches its target in at most ``revival_ratio`` x the Scr.+FT steps (a baseline that never reaches it
+    counts as needing one step more than it ran)."""
+    summ = {r["curve"]: r for r in revival.tables.get("summary", [])}
+    re_, base = summ.get("reft"), summ.get("scr+ft")
+    if not (re_ and base):
+        return None
+    r_steps = re_["steps_to_target"]
+    b_steps = base["steps_to_target"] if base["steps_to_target"] is not None else base["steps"] + 1
+    return r_steps is not None and r_steps <= th.revival_ratio * b_steps, {"reft": re_, "baseline": base}
+
+
 def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None = None,
             revival: Result | None = None, thresholds: Thresholds | None = None) -> Result:
     """Combine the evidence for one fine-tuned run (``ft_side`` is its checkpoint sidecar)."""
-    th = (thresholds or Thresholds()).check()
+    th = thresholds or Thresholds()
     if ft_side.get("stage") != "finetune":
         raise AnalysisError(f"verdict needs a finetune run (got a {ft_side.get('stage')} run)")
     cfg = ft_side["config"]
@@ -83,46 +111,32 @@ def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None 
                      round(gain, 4), f"gain >= {th.ft_gain} means FT capability learned", learned,
                      "FT capability learned"))
     votes: list[bool] = []
-    if probe is not None:
-        summ = {(r["model"], r["target"]): r for r in probe.tables.get("summary", [])}
-        me = summ.get(("finetune", "O_PT"))
-        pre, ctl = summ.get(("pretrained", "O_PT")), summ.get(("random-init", "O_PT"))
-        if me and pre and ctl:
-            kept = me["acc"] >= pre["acc"] - th.probe_tolerance
-            valid = me["acc"] >= ctl["acc"] + th.probe_control_margin
-            ok = kept and valid
-            votes.append(ok)
-            rows.append(_row("probe", f"best-layer O_PT probe: fine-tuned {me['acc']:.3f} ({me['best_layer']}), "
-                                      f"pretrained {pre['acc']:.3f}, random-init {ctl['acc']:.3f}",
-                             round(me["acc"], 4), f">= pretrained - {th.probe_tolerance} and >= random-init + "
-                                                  f"{th.probe_control_margin}", ok, "capability still readable"))
-    if prune is not None:
-        sub = sorted(prune.where(target="O_PT", c_test=0.0), key=lambda r: r["k"])
-        sub = [r for r in sub if r["k"] <= th.prune_k]
-        if sub:
-            best = max(sub, key=lambda r: (r["acc"], -r["k"]))
-            g = best["acc"] - sub[0]["acc"]
-            ok = g >= th.prune_gain and best["acc"] > best["majority"]
-            votes.append(ok)
-            units = prune.tables.get("units", [])[:best["k"]]
-            blocks = sorted({u["block"] for u in units})
-            rows.append(_row("prune", f"O_PT acc c0: K=0 {sub[0]['acc']:.3f} -> K={best['k']} {best['acc']:.3f} "
-                                      f"(majority {best['majority']:.3f}; pruned units in blocks {blocks})",
-                             round(g, 4), f"gain >= {th.prune_gain} with K <= {th.prune_k}, above majority", ok,
-                             "wrapper removable by pruning"))
-    if revival is not None:
-        summ = {r["curve"]: r for r in revival.tables.get("summary", [])}
-        re_, base = summ.get("reft"), summ.get("scr+ft")
-        if re_ and base:
-            r_steps = re_["steps_to_target"]
-            b_steps = base["steps_to_target"] if base["steps_to_target"] is not None else base["steps"] + 1
-            ok = r_steps is not None and r_steps <= th.revival_ratio * b_steps
-            votes.append(ok)
-            b_txt = (base["steps_to_target"] if base["steps_to_target"] is not None
-                     else f"not reached in {base['steps']}")
-            r_txt = r_steps if r_steps is not None else f"not reached in {re_['steps']}"
-            rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}, Scr.+FT {b_txt}",
-                             r_steps, f"reFT <= {th.revival_ratio} x Scr.+FT", ok, "revives faster than baseline"))
+    if probe is not None and (hit := probe_check(probe, th)) is not None:
+        ok, f = hit
+        me, pre, ctl = f["me"], f["pretrained"], f["control"]
+        votes.append(ok)
+        rows.append(_row("probe", f"best-layer O_PT probe: fine-tuned {me['acc']:.3f} ({me['best_layer']}), "
+                                  f"pretrained {pre['acc']:.3f}, random-init {ctl['acc']:.3f}",
+                         round(me["acc"], 4), f">= pretrained - {th.probe_tolerance} and >= random-init + "
+                                              f"{th.probe_control_margin}", ok, "capability still readable"))
+    if prune is not None and (hit := prune_check(prune, th)) is not None:
+        ok, f = hit
+        base, best = f["base"], f["best"]
+        votes.append(ok)
+        blocks = sorted({u["block"] for u in prune.tables.get("units", [])[:best["k"]]})
+        rows.append(_row("prune", f"O_PT acc c0: K=0 {base['acc']:.3f} -> K={best['k']} {best['acc']:.3f} "
+                                  f"(majority {best['majority']:.3f}; pruned units in blocks {blocks})",
+                         round(f["gain"], 4), f"gain >= {th.prune_gain} with K <= {th.prune_k}, above majority", ok,
+                         "wrapper removable by pruning"))
+    if revival is not None and (hit := revival_check(revival, th)) is not None:
+        ok, f = hit
+        re_, base = f["reft"], f["baseline"]
+        votes.append(ok)
+        r_steps = re_["steps_to_target"]
+        b_txt = base["steps_to_target"] if base["steps_to_target"] is not None else f"not reached in {base['steps']}"
+        r_txt = r_steps if r_steps is not None else f"not reached in {re_['steps']}"
+        rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}, Scr.+FT {b_txt}",
+                         r_steps, f"reFT <= {th.revival_ratio} x Scr.+FT", ok, "revives faster than baseline"))
     if not lost:
         label = "amplification" if learned else "unchanged"
         why = ("PT behaviour kept and the FT capability was learned" if learned
@@ -132,6 +146,6 @@ def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None 
         label = "wrapper" if yes > no else "deletion" if no > yes else "undetermined"
         why = (f"PT behaviour lost; {yes} of {len(votes)} mechanistic checks say the capability is still there"
                if votes else "PT behaviour lost, but no mechanistic evidence was measured")
-    meta = {"verdict": label, "why": why, "thresholds": asdict(th), "family": fam, "o_pt": o_pt, "o_ft": o_ft,
+    meta = {"verdict": label, "why": why, "thresholds": th.to_dict(), "family": fam, "o_pt": o_pt, "o_ft": o_ft,
             "c_train": cfg["train"]["c_train"], "lr": cfg["train"]["lr"]}
     return Result("verdict", rows, meta)

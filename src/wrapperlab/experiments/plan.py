@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wrapperlab.analysis.registry import get_analysis
 from wrapperlab.experiments.spec import ExperimentSpec, SpecError, group_order, matches
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import ConfigError, build_config
@@ -99,7 +100,6 @@ def _run_cost(cfg) -> float:
     return (train + 2 * n_params * n_evals * n_sets * cfg.eval.n * seq) / 1e9
 
 
-_ANALYSIS_COST = {"probe": 0.6, "prune": 0.3, "attention": 0.05, "verdict": 0.0, "revival": 0.0}  # x the run's cost
 
 
 def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, device: str = "cpu") -> Plan:
@@ -151,23 +151,23 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
         targets = [nodes[k] for k in by_group[a.on] if matches(nodes[k].point, a.where)]
         if not targets:
             raise SpecError(f"analyses.{i}.where: no run of group {a.on!r} matches {a.where}")
-        _check_settings(a.tool, a.settings, f"analyses.{i}.settings")
+        tool = get_analysis(a.tool)
+        _check_settings(tool, a.settings, f"analyses.{i}.settings")
         h = settings_hash(a.settings)
         for run in targets:
-            _check_values(a.tool, a.settings, run, f"analyses.{i}.settings")
+            settings = _settings_for(tool, a.settings, run, f"analyses.{i}.settings")
             key = f"{a.tool}-{h}@{run.run_id}"
             deps = [run.key]
             inputs = {}
-            if a.tool == "verdict":
-                for tool in ("probe", "prune", "revival"):
-                    if (tool, run.run_id) in planned:
-                        k = planned[(tool, run.run_id)]
-                        deps.append(k)
-                        inputs[tool] = nodes[k].payload["result"]
-            if a.tool == "revival":
-                deps += _revival_nodes(nodes, run, a.settings, runs_dir, f"analyses.{i}")
+            for name in tool.inputs:  # results of other analyses on the same run that this one combines
+                if (name, run.run_id) in planned:
+                    k = planned[(name, run.run_id)]
+                    deps.append(k)
+                    inputs[name] = nodes[k].payload["result"]
+            if tool.runs is not None:  # the training runs it needs become nodes of their own
+                deps += _training_nodes(nodes, run, tool, settings, runs_dir, f"analyses.{i}")
             result = Path(run.run_dir) / "analysis" / f"{a.tool}-{h}.json"
-            cost = run.cost * _ANALYSIS_COST.get(a.tool, 0.0)
+            cost = run.cost * tool.cost
             nodes[key] = Node(key, "analysis", a.tool, f"{a.tool} on {run.label}", run.point, deps,
                               {"kind": "analysis", "tool": a.tool, "settings": a.settings, "run_dir": run.run_dir,
                                "run_id": run.run_id, "result": str(result), "inputs": inputs,
@@ -176,17 +176,15 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
     return Plan(spec, root, nodes)
 
 
-def _revival_nodes(nodes: dict[str, Node], ft: Node, settings: dict, runs_dir: Path, where: str) -> list[str]:
-    """The reFT and baseline runs of a revival as nodes of their own (``analysis.revival.revival_runs``), so
-    they run in parallel with the rest of the grid and identical ones (one Scr.+FT baseline for many fine-tuned
-    runs) are trained once. Returns their keys; the revival node then only reads them."""
+def _training_nodes(nodes: dict[str, Node], ft: Node, tool, settings, runs_dir: Path, where: str) -> list[str]:
+    """The runs an analysis trains (revival: reFT and its baselines, ``analysis.revival.revival_runs``) as nodes of
+    their own, so they run in parallel with the rest of the grid and identical ones (one Scr.+FT baseline for many
+    fine-tuned runs) are trained once. Returns their keys; the analysis node then only reads them."""
     from wrapperlab.analysis.common import AnalysisError
-    from wrapperlab.analysis.revival import revival_runs
     from wrapperlab.training.config import validate
 
-    cfg = validate(ft.side["config"])
     try:
-        runs, _ = revival_runs(cfg, _make_settings("revival", settings, cfg))
+        runs = tool.runs(validate(ft.side["config"]), settings)
     except AnalysisError as e:
         raise SpecError(f"{where}.settings: {e}") from None
     planned = {"ft": ft}
@@ -197,13 +195,13 @@ def _revival_nodes(nodes: dict[str, Node], ft: Node, settings: dict, runs_dir: P
             raw = r.raw(parent.run_dir if parent else None)
             cfg_r, _ = resolve(raw, parent_side=parent.side if parent else None)
         except ConfigError as e:
-            raise SpecError(f"{where} ({r.name} of revival on {ft.label}): {e}") from None
+            raise SpecError(f"{where} ({r.name} of {tool.name} on {ft.label}): {e}") from None
         rid = cfg_r.run_id(parent.run_id if parent else None)
         if rid not in nodes:
             raw.pop("_explicit", None)
             raw.pop("_notes", None)
             run_dir = default_run_dir(cfg_r, parent.run_id if parent else None, runs_dir)
-            nodes[rid] = Node(rid, "run", f"revival:{r.name}", f"revival {r.name} <- {ft.label}",
+            nodes[rid] = Node(rid, "run", f"{tool.name}:{r.name}", f"{tool.name} {r.name} <- {ft.label}",
                               dict(ft.point), [parent.key] if parent else [],
                               {"kind": "run", "raw": raw, "run_dir": str(run_dir), "run_id": rid},
                               _run_cost(cfg_r), rid, str(run_dir),
@@ -233,62 +231,26 @@ def _defaults_for(defaults: dict, parent: Node | None) -> dict:
     return out
 
 
-def _settings_class(tool: str):
-    from wrapperlab.analysis.probing import ProbeSettings
-    from wrapperlab.analysis.pruning import PruneSettings
-    from wrapperlab.analysis.revival import RevivalSettings
-    from wrapperlab.analysis.verdict import Thresholds
-
-    return {"probe": ProbeSettings, "prune": PruneSettings, "revival": RevivalSettings, "verdict": Thresholds}.get(tool)
-
-
-def _check_settings(tool: str, settings: dict, where: str) -> None:
-    import dataclasses
-
-    cls = _settings_class(tool)
-    allowed = {f.name for f in dataclasses.fields(cls)} if cls else {"n", "seed"}
-    if tool == "probe":
-        allowed.add("preset")
-    bad = sorted(set(settings) - allowed)
+def _check_settings(tool, settings: dict, where: str) -> None:
+    bad = sorted(set(settings) - set(tool.setting_names()))
     if bad:
-        raise SpecError(f"{where}: unknown setting(s) {', '.join(bad)} for {tool}; known: {', '.join(sorted(allowed))}")
+        raise SpecError(f"{where}: unknown setting(s) {', '.join(bad)} for {tool.name}; known: "
+                        f"{', '.join(sorted(tool.setting_names()))}")
 
 
-def _check_values(tool: str, settings: dict, run: Node, where: str) -> None:
-    """Build the tool's settings for a planned run and run their own checks, so a bad value fails at planning."""
+def _settings_for(tool, settings: dict, run: Node, where: str):
+    """The tool's validated settings for a planned run, so a bad value fails at planning, not after hours."""
     from wrapperlab.analysis.common import AnalysisError
     from wrapperlab.training.config import validate
 
-    if tool == "attention":
-        bad = [k for k in ("n", "seed") if k in settings and not (isinstance(settings[k], int) and settings[k] >= 0)]
-        if bad or settings.get("n", 1) < 1:
-            raise SpecError(f"{where}: attention takes n >= 1 and seed >= 0 (got {settings})")
-        return
     try:
-        s = _make_settings(tool, settings, validate(run.side["config"]))
-        if hasattr(s, "check"):
-            s.check()
-    except (AnalysisError, TypeError, ValueError) as e:
+        return tool.make_settings(_lists_as_tuples(settings), validate(run.side["config"]))
+    except AnalysisError as e:
         raise SpecError(f"{where}: {e}") from None
 
 
-def _make_settings(tool: str, settings: dict, cfg):
-    import dataclasses
-
-    from wrapperlab.analysis.common import AnalysisError
-    from wrapperlab.analysis.probing import ProbeSettings
-
-    cls = _settings_class(tool)
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "preset"}
-    if tool == "probe":
-        base = ProbeSettings.for_preset(settings.get("preset", cfg.preset))
-        return dataclasses.replace(base, **kw)
-    if tool == "prune":
-        kw.setdefault("c_tests", tuple(cfg.eval.c_test))
-    try:
-        return cls(**kw)
-    except TypeError as e:
-        raise AnalysisError(f"{tool} settings: {e}") from None
+def _lists_as_tuples(settings: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 
 
 # ----------------------------------------------------------------------------- executing one node
@@ -319,41 +281,14 @@ def _execute_analysis(p: dict) -> dict:
     import torch
 
     from wrapperlab.analysis.common import Result
+    from wrapperlab.analysis.registry import Context, analyze
+    from wrapperlab.fileio import remove_stale_temps
 
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
-    tool, run_dir, s = p["tool"], p["run_dir"], p["settings"]
-    side = ck.read_sidecar(run_dir)
-    from wrapperlab.training.config import validate
-
-    cfg = validate(side["config"])
-    if tool == "probe":
-        from wrapperlab.analysis.probing import probe_run
-
-        res = probe_run(run_dir, settings=_make_settings(tool, s, cfg))
-    elif tool == "prune":
-        from wrapperlab.analysis.evaluate import load_run
-        from wrapperlab.analysis.pruning import prune
-
-        cfg, task, model, _ = load_run(run_dir)
-        res = prune(model, task, family=cfg.eval_family, settings=_make_settings(tool, s, cfg))
-    elif tool == "revival":
-        from wrapperlab.analysis.revival import revival
-
-        res = revival(run_dir, Path(p["result"]).with_suffix(""), settings=_make_settings(tool, s, cfg),
-                      runs_root=p["runs_root"])
-    elif tool == "verdict":
-        from wrapperlab.analysis.verdict import verdict
-
-        parts = {k: Result.load(v) for k, v in p["inputs"].items()}
-        res = verdict(side, probe=parts.get("probe"), prune=parts.get("prune"), revival=parts.get("revival"),
-                      thresholds=_make_settings(tool, s, cfg))
-    else:  # attention
-        from wrapperlab.analysis.attention import attention_signature
-
-        res = attention_signature(run_dir, **s)
-    from wrapperlab.fileio import remove_stale_temps
-
+    ctx = Context(out=Path(p["result"]).with_suffix(""), runs_root=Path(p["runs_root"]),
+                  inputs={k: Result.load(v) for k, v in p["inputs"].items()})
+    res = analyze(p["tool"], p["run_dir"], settings=_lists_as_tuples(p["settings"]), context=ctx)
     remove_stale_temps(Path(p["result"]).parent)  # left by an analysis killed mid-write
     res.save(p["result"])
     return {"status": "done", "result": p["result"]}

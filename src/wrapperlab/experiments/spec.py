@@ -36,10 +36,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from wrapperlab.analysis.registry import get_analysis
 from wrapperlab.training.config import SHORTCUTS, parse_value
 from wrapperlab.training.presets import PRESETS, STAGES
-
-TOOLS = ("probe", "prune", "revival", "verdict", "attention")
 
 
 class SpecError(ValueError):
@@ -98,10 +97,17 @@ class AnalysisSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tool: Literal["probe", "prune", "revival", "verdict", "attention"]
+    tool: str = Field(description="a registered analysis (wrapperlab.analysis.registry): probe, prune, revival, "
+                                  "verdict, attention, attention_signature, feature_probe, or one of yours")
     on: str
     where: dict[str, Any] = Field(default_factory=dict)
-    settings: dict[str, Any] = Field(default_factory=dict, description="the tool's settings (its dataclass fields)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the tool's settings (its settings fields)")
+
+    @field_validator("tool")
+    @classmethod
+    def _tool(cls, v: str) -> str:
+        get_analysis(v)  # unknown: one line naming the registered analyses
+        return v
 
 
 class ExperimentSpec(BaseModel):
@@ -134,8 +140,9 @@ class ExperimentSpec(BaseModel):
         for i, a in enumerate(self.analyses):
             if a.on not in self.runs:
                 raise ValueError(f"analyses.{i}.on: no run group named {a.on!r} (have {', '.join(names)})")
-            if a.tool in ("revival", "verdict") and self.runs[a.on].stage != "finetune":
-                raise ValueError(f"analyses.{i}.on: {a.tool} needs a finetune group, {a.on!r} is "
+            tool = get_analysis(a.tool)
+            if tool.stages and self.runs[a.on].stage not in tool.stages:
+                raise ValueError(f"analyses.{i}.on: {a.tool} needs a {' or '.join(tool.stages)} group, {a.on!r} is "
                                  f"{self.runs[a.on].stage}")
         return self
 
@@ -199,5 +206,5 @@ def matches(point: dict[str, Any], where: dict[str, Any]) -> bool:
     return True
 
 
-__all__ = ["STAGES", "TOOLS", "AnalysisSpec", "ExperimentSpec", "RunGroup", "SpecError", "load_spec", "matches",
+__all__ = ["STAGES", "AnalysisSpec", "ExperimentSpec", "RunGroup", "SpecError", "load_spec", "matches",
            "parse_spec"]

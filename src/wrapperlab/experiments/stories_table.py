@@ -239,44 +239,17 @@ def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: in
 
 def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int = 2000, seed: int = 0,
                     threads: int = 0, device: str = "cpu"):
-    """Fig. 11a's probes on one finished story run: story text only (the instruction stripped), BOS-prefixed,
-    left-padded with other stories' text to the model's context; trained on the pretraining split (the paper's
-    ``pretrain-all``), measured on the test split. Saves ``RUN/analysis/feature_probe.json``; returns the Result."""
+    """Fig. 11a's probes on one finished story run (``analysis.feature_probes.feature_probe_run``); saves
+    ``RUN/analysis/feature_probe.json``."""
     import torch
 
-    from wrapperlab.analysis.evaluate import load_run
-    from wrapperlab.analysis.feature_probes import FeatureProbeSettings, feature_probes
-    from wrapperlab.tasks.stories import STORY_FEATURES
-    from wrapperlab.tasks.story_corpus import left_padded
-    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.analysis.feature_probes import FeatureProbeRunSettings, feature_probe_run
 
     if threads:
         torch.set_num_threads(threads)
-    run_dir = Path(run_dir)
-    side = ck.read_sidecar(run_dir)
-    if side.get("status") != "done":
-        raise ck.CheckpointError(f"{run_dir}: the run is not finished (status {side.get('status')})")
-    cfg, task, model, side = load_run(run_dir, device)
-    if cfg.task.kind != "story":
-        raise ck.CheckpointError(f"{run_dir}: feature probes need a story run (this is a {cfg.task.kind} run)")
-    tok, split = task.tokenizer, task.split
-    seq = model.cfg.seq_len
-    rng = np.random.default_rng([seed, 11])
-
-    def tokens(records, n):
-        pick = [records[int(i)] for i in rng.choice(len(records), size=min(n, len(records)), replace=False)]
-        ends = [tok.encode(r.story) for r in pick]
-        fillers = [tok.encode(r.story) for r in records[:512]]
-        y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
-        return left_padded(ends, fillers, seq, rng), y
-
-    xtr, ytr = tokens(split["pretrain"], n_train)
-    xte, yte = tokens(split["test"], n_test)
-    res = feature_probes(model, xtr, ytr, xte, yte, list(STORY_FEATURES), label=run_dir.name,
-                         settings=FeatureProbeSettings(iters=iters, seed=seed))
-    res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir), "n_train": int(len(ytr)),
-                     "n_test": int(len(yte)), "input": "story only, BOS-prefixed, left-padded to the context"})
-    res.save(run_dir / "analysis" / "feature_probe.json")
+    res = feature_probe_run(run_dir, settings=FeatureProbeRunSettings(n_train=n_train, n_test=n_test, iters=iters,
+                                                                      seed=seed), device=device)
+    res.save(Path(run_dir) / "analysis" / "feature_probe.json")
     return res
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from wrapperlab.analysis.common import Result, metric_at
 from wrapperlab.analysis.evaluate import _lr_name
-from wrapperlab.analysis.verdict import Thresholds
+from wrapperlab.analysis.verdict import Thresholds, probe_check, prune_check, revival_check
 from wrapperlab.tasks.priors import prior_name, resolve_prior
 from wrapperlab.training import checkpoint as ck
 
@@ -174,14 +174,12 @@ def claim_prune(ev: Evidence) -> dict:
     cases = []
     runs, excluded = _capable(ev, "prune", prior="low", eta=("M", "S", "VS"))
     for r in runs:
-        p = r.results["prune"]
-        sub = sorted((x for x in p.where(target="O_PT", c_test=0.0) if x["k"] <= TH.prune_k), key=lambda x: x["k"])
-        if not sub:
+        hit = prune_check(r.results["prune"], TH)
+        if hit is None:
             continue
-        best = max(sub, key=lambda x: (x["acc"], -x["k"]))
-        gain = best["acc"] - sub[0]["acc"]
-        ok = gain >= TH.prune_gain and best["acc"] > best["majority"]
-        cases.append((f"{r.tag()}: O_PT {_pct(sub[0]['acc'])} → {_pct(best['acc'])} at K={best['k']} "
+        ok, f = hit
+        base, best = f["base"], f["best"]
+        cases.append((f"{r.tag()}: O_PT {_pct(base['acc'])} → {_pct(best['acc'])} at K={best['k']} "
                       f"(majority {_pct(best['majority'])})", ok))
     return _claim("prune", "Pruning a few neurons (K ≤ 15) of a small-LR fine-tuned model revives the pretraining "
                   "capability", "O_PT accuracy recovers after pruning 5–15 neurons (Fig. 7)", "paper §5, Fig. 7",
@@ -193,13 +191,11 @@ def claim_probe(ev: Evidence) -> dict:
     cases = []
     runs, excluded = _capable(ev, "probe", prior="low")
     for r in runs:
-        p = r.results["probe"]
-        summ = {(x["model"], x["target"]): x for x in p.tables.get("summary", [])}
-        me, pre, ctl = summ.get(("finetune", "O_PT")), summ.get(("pretrained", "O_PT")), summ.get(("random-init",
-                                                                                                    "O_PT"))
-        if not (me and pre and ctl):
+        hit = probe_check(r.results["probe"], TH)
+        if hit is None:
             continue
-        ok = me["acc"] >= pre["acc"] - TH.probe_tolerance and me["acc"] >= ctl["acc"] + TH.probe_control_margin
+        ok, f = hit
+        me, pre, ctl = f["me"], f["pretrained"], f["control"]
         cases.append((f"{r.tag()}: best-layer O_PT probe {_pct(me['acc'])} ({me['best_layer']}) vs pretrained "
                       f"{_pct(pre['acc'])}, random init {_pct(ctl['acc'])}; behaviour {_pct(r.acc('o_pt', 0.0))}",
                       ok))
@@ -214,14 +210,12 @@ def claim_revival(ev: Evidence) -> dict:
     cases = []
     runs, excluded = _capable(ev, "revival", prior="low")
     for r in runs:
-        v = r.results["revival"]
-        summ = {x["curve"]: x for x in v.tables.get("summary", [])}
-        re_, base = summ.get("reft"), summ.get("scr+ft")
-        if not (re_ and base):
+        hit = revival_check(r.results["revival"], TH)
+        if hit is None:
             continue
+        ok, f = hit
+        re_, base = f["reft"], f["baseline"]
         rs, bs = re_["steps_to_target"], base["steps_to_target"]
-        b_eff = bs if bs is not None else base["steps"] + 1
-        ok = rs is not None and rs <= TH.revival_ratio * b_eff
         cases.append((f"{r.tag()}: reFT reaches {_pct(re_['target'])} O_PT in "
                       f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
                       f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok))

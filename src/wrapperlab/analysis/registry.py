@@ -1,0 +1,121 @@
+"""Every analysis, registered by name with its settings, behind one call: ``analyze(name, target, **settings)``.
+
+``target`` is a run directory, or a model with its task (``analyze("probe", model, task=task)``). An analysis names
+the model components it needs (a model without one fails with one line before any work), the results of other
+analyses it combines (``inputs``: the verdict reads probe, prune and revival), the training runs it needs (``runs``:
+revival's reFT and baselines, which the experiment planner schedules as nodes of their own) and its cost relative to
+its run's training (the planner's ETA). The planner, the CLI and the report dispatch through :data:`ANALYSES`;
+adding an analysis is its module plus one :func:`register` call (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wrapperlab.analysis.common import AnalysisError, Result, Settings, need
+
+BUILTIN = ("wrapperlab.analysis.builtin",)
+
+
+@dataclass
+class Context:
+    """Where an analysis that trains puts its runs, the results it combines, and how it reports progress."""
+
+    out: Path | None = None  # a directory for the analysis's own runs (revival)
+    runs_root: Path | None = None  # a store's runs/ directory: runs go there under their canonical names
+    inputs: dict[str, Result] = field(default_factory=dict)
+    device: str = "cpu"
+    progress: bool = False
+    log: Callable[[str], None] = lambda _m: None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    settings: type[Settings]
+    on_run: Callable[[Path, Settings, Context], Result] | None = None
+    on_model: Callable[[Any, Any, Settings], Result] | None = None
+    needs: tuple[str, ...] = ()  # model components (models.registry): residual, attention, matrices
+    inputs: tuple[str, ...] = ()  # analyses whose results on the same run it combines
+    cost: float = 0.0  # x the training cost of the run it analyses (for the planner's ETA)
+    run_defaults: Callable[[Any, dict], dict] | None = None  # (run config, given settings) -> settings to use
+    run_settings: tuple[str, ...] = ()  # names run_defaults reads besides the settings' fields (probe: preset)
+    runs: Callable[[Any, Settings], list] | None = None  # (run config, settings) -> the training runs it needs
+    stages: tuple[str, ...] = ()  # the run stages it applies to (empty: any)
+    description: str = ""
+
+    def make_settings(self, given: dict | Settings | None = None, cfg=None) -> Settings:
+        """Validated settings from a dict (unknown names and bad values are one-line ``AnalysisError``s); with the
+        run's config, the run-dependent defaults apply first."""
+        if isinstance(given, Settings):
+            return given
+        given = dict(given or {})
+        if cfg is not None and self.run_defaults is not None:
+            given = self.run_defaults(cfg, given)
+        unknown = sorted(set(given) - set(self.settings.model_fields))
+        if unknown:
+            raise AnalysisError(f"unknown setting(s) {', '.join(unknown)} for {self.name}; known: "
+                                f"{', '.join(self.settings.model_fields)}")
+        return self.settings(**given)
+
+    def setting_names(self) -> list[str]:
+        return list(self.settings.model_fields) + list(self.run_settings)
+
+
+ANALYSES: dict[str, Analysis] = {}
+_loaded = False
+
+
+def register(analysis: Analysis) -> Analysis:
+    ANALYSES[analysis.name] = analysis
+    return analysis
+
+
+def analyses() -> dict[str, Analysis]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in BUILTIN:
+            importlib.import_module(mod)
+    return dict(ANALYSES)
+
+
+def get_analysis(name: str) -> Analysis:
+    known = analyses()
+    if name not in known:
+        raise AnalysisError(f"unknown analysis {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def analyze(name: str, target, task=None, *, settings: dict | Settings | None = None, context: Context | None = None,
+            **kw) -> Result:
+    """Run analysis ``name`` on a run directory, or on ``(model, task)``. Settings come as a dict, a settings object
+    or keyword arguments; every one is validated before any work."""
+    a = get_analysis(name)
+    ctx = context or Context()
+    given = settings if isinstance(settings, Settings) else {**(settings or {}), **kw}
+    if isinstance(target, (str, Path)):
+        if a.on_run is None:
+            raise AnalysisError(f"{name} works on a model and its task, not on a run directory")
+        run = Path(target)
+        if not run.is_dir():
+            raise AnalysisError(f"run: {run} is not a run directory")
+        from wrapperlab.training import checkpoint as ck
+        from wrapperlab.training.config import validate
+
+        try:
+            cfg = validate(ck.read_sidecar(run)["config"])
+        except ck.CheckpointError as e:
+            raise AnalysisError(str(e)) from None
+        return a.on_run(run, a.make_settings(given, cfg), ctx)
+    if a.on_model is None:
+        raise AnalysisError(f"{name} needs a run directory (it reads the run's history or trains from it)")
+    if task is None:
+        raise AnalysisError(f"{name} on a model needs its task: analyze({name!r}, model, task)")
+    for comp in a.needs:
+        need(target, comp)
+    return a.on_model(target, task, a.make_settings(given))
