@@ -301,11 +301,27 @@ def _plot_hists(results, cfg, family, png: Path) -> None:
 
 
 def main() -> None:
+    """The console entry point. SIGTERM stops a command the way Ctrl-C does (cleanup runs, one line on stderr),
+    with exit code 143 (130 for Ctrl-C)."""
+    import signal
+
+    from wrapperlab.cli_common import install_stop_handlers, note_interrupt, stop_exit_code, stop_signal
+
+    install_stop_handlers()
     try:
         app()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # raised outside the command (typer turns one inside it into exit 130)
+        pass
+    except SystemExit as e:
+        if stop_signal() is None or e.code in (0, None):
+            raise
+    else:
+        return
+    note_interrupt(f"interrupted by {signal.Signals(stop_signal() or signal.SIGINT).name}")
+    sys.exit(stop_exit_code())
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ one command that turns the paper into evidence."""
 from __future__ import annotations
 
 import json
+import signal
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, out, print_rows, user_errors
+from wrapperlab.cli_common import _fail, err, note_interrupt, out, print_rows, stop_exit_code, stop_signal, user_errors
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Browse a store: every run with its status, config and final metrics.")
@@ -42,15 +43,19 @@ def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str,
         rows = [{"kind": n.kind, "label": n.label, "key": n.key, "done": "yes" if n.complete() else "no"}
                 for n in plan.nodes.values()]
         return {"dry_run": True, "nodes": rows}
-    with user_errors():
-        store = Store(out_dir)
-        store.add_experiment(spec.name, spec.model_dump(mode="json"), list(plan.nodes))
+    # the executor first: an unreachable cluster fails here, before the store is created or touched
     try:
         ex = make_executor(executor, workers, threads, address)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, ConnectionError) as e:
         _fail(str(e))
     try:
+        with user_errors():
+            store = Store(out_dir)
+            store.add_experiment(spec.name, spec.model_dump(mode="json"), list(plan.nodes))
         outcome = run_plan(plan, ex, store, log=_log, progress=progress)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: end the workers now, without waiting
+        ex.abort()
+        raise
     finally:
         ex.shutdown()
     return {"store": str(out_dir), **outcome.to_dict()}
@@ -58,12 +63,19 @@ def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str,
 
 @contextmanager
 def _interrupt_note(out_dir: Path):
+    """Ctrl-C or SIGTERM (cli.main turns it into KeyboardInterrupt): by the time it gets here, the workers are
+    ended and the runs they held are marked interrupted in the store. One line, exit 130 (SIGINT) or 143."""
     try:
         yield
     except KeyboardInterrupt:
-        err.print(f"interrupted; finished runs and checkpoints are kept in {out_dir} — run the same command again "
-                  f"to resume", highlight=False, markup=False)
-        raise typer.Exit(130) from None
+        sig = stop_signal()
+        by = f" by {signal.Signals(sig).name}" if sig else ""
+        if (out_dir / "store.sqlite").is_file():
+            note_interrupt(f"interrupted{by}; finished runs and checkpoints are kept in {out_dir} — run the same "
+                           f"command again to resume")
+        else:
+            note_interrupt(f"interrupted{by} before anything was written to {out_dir}")
+        raise typer.Exit(stop_exit_code()) from None
 
 
 def run_cmd(
@@ -120,11 +132,21 @@ def runs_list(
     from wrapperlab.experiments.store import Store, parse_where
 
     with user_errors():
-        store = Store(store_dir, create=False)
-        store.reap_stale()
-        if sync:
-            store.sync()
-        rows = store.runs(parse_where(where or []))
+        filters = parse_where(where or [])
+        if sync:  # rebuilds the index when it is corrupt or missing: the run directories are the truth
+            store, aside = Store.rebuild(store_dir)
+            if aside is not None:
+                _log(f"{store.db} was corrupt: moved aside to {aside.name}; rebuilding the index from "
+                     f"{store.runs_dir}")
+            store.reap_stale()
+            n = store.sync()
+            if aside is not None:
+                _log(f"re-indexed {n} run directories (analysis rows return with the next `wrapperlab run` of "
+                     f"their spec)")
+        else:
+            store = Store(store_dir, create=False)
+            store.reap_stale()
+        rows = store.runs(filters)
     if as_json:
         print(json.dumps(rows))
         return

@@ -16,12 +16,17 @@ The run directories are the truth; the index is a cache of them that ``index_run
 
 Every write is one short ``BEGIN IMMEDIATE`` transaction with a busy timeout, so several processes writing the
 same store serialise instead of losing rows.
+
+An index that SQLite cannot read (garbage bytes, a truncated file) raises ``StoreCorrupt``, whose one line names
+the command that rebuilds it; ``Store.rebuild`` moves the damaged file aside (``store.sqlite.corrupt-<time>``,
+never deleted) and re-indexes the run directories.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import sqlite3
 import time
@@ -54,16 +59,75 @@ class StoreError(ValueError):
     """A problem with a store, reported as one line."""
 
 
+class StoreCorrupt(StoreError):
+    """The index is not a readable SQLite database; the run directories are intact and can rebuild it."""
+
+
+# SQLite's primary result codes for a file that is not (or no longer) a database
+_CORRUPT_CODES = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
+
+
+def _is_corruption(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _CORRUPT_CODES
+    msg = str(e).lower()
+    return "not a database" in msg or "malformed" in msg
+
+
 class Store:
     def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root)
         self.db = self.root / DB_NAME
         if not create and not self.db.is_file():
+            if self.runs_dir.is_dir() and any(self.runs_dir.glob(f"*/{ck.SIDECAR}")):
+                raise StoreError(f"store: {self.root} has run directories but no {DB_NAME}; rebuild the index from "
+                                 f"them with: wrapperlab runs list {shlex.quote(str(self.root))} --sync")
             raise StoreError(f"store: {self.root} has no {DB_NAME} (not a wrapperlab store; run "
                              f"`wrapperlab run SPEC --out {self.root}` first)")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(_SCHEMA)
+
+    @classmethod
+    def rebuild(cls, root: str | Path) -> tuple[Store, Path | None]:
+        """Open the store at ``root`` for re-indexing: an index that is corrupt is moved aside (returned, with its
+        ``-wal``/``-shm`` files beside it) and a fresh one is created; a missing one is created when ``root``
+        holds run directories. The caller then runs ``sync()``. A healthy index is opened as it is."""
+        root = Path(root)
+        db = root / DB_NAME
+        if not db.is_file() and not (root / RUNS_DIR).is_dir():
+            return cls(root, create=False), None  # raises: not a store
+        if db.is_file():
+            try:
+                store = cls(root, create=False)
+                store._check_integrity()
+                return store, None
+            except StoreCorrupt:
+                pass
+        else:
+            return cls(root), None
+        aside = db.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        for suffix in ("-wal", "-shm"):  # a stale WAL must never be replayed into the new index
+            side = db.with_name(DB_NAME + suffix)
+            if side.exists():
+                os.replace(side, aside.with_name(aside.name + suffix))
+        os.replace(db, aside)
+        return cls(root), aside
+
+    def _check_integrity(self) -> None:
+        with self._connect() as con:
+            bad = [r[0] for r in con.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
+        if bad:
+            raise StoreCorrupt(self._corrupt_message(bad[0]))
+
+    def _corrupt_message(self, why: object) -> str:
+        return (f"store: {self.db} is corrupt ({why}); rebuild the index from the run directories with: "
+                f"wrapperlab runs list {shlex.quote(str(self.root))} --sync")
 
     @property
     def runs_dir(self) -> Path:
@@ -81,6 +145,8 @@ class Store:
             con.row_factory = sqlite3.Row
             yield con
         except sqlite3.DatabaseError as e:
+            if _is_corruption(e):
+                raise StoreCorrupt(self._corrupt_message(e)) from None
             raise StoreError(f"store: {self.db}: {e}") from None
         finally:
             con.close()
