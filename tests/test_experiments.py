@@ -323,3 +323,32 @@ def test_reproduce_quick_end_to_end(tmp_path):
     for cid in ("wrapper", "prune", "probe", "revival", "spurious", "tracr-attention", "tracr-maxid"):
         assert status[cid] != "not measured", (cid, res["claims"])
     assert status["prior"] == status["tinystories"] == status["tinystories-probe"] == "not measured"
+
+
+@pytest.mark.slow
+def test_the_tracr_and_stories_grids_run_on_ray(tmp_path):
+    """The Table 3 grid and the TinyStories protocol are ordinary specs: a local Ray instance runs them, and the
+    stores they fill are ordinary stores."""
+    if not _ray_required():
+        pytest.importorskip("ray")
+    pytest.importorskip("sentencepiece")
+    r = wl("tracr", "table", "--programs", "max-identifier", "--lrs", "VS", "--c-train", "1", "steps=20",
+           "train.warmup_steps=4", "eval.every=10", "eval.n=50", "--executor", "ray", "--workers", "1",
+           "--out", str(tmp_path / "tracr"), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["rows"]
+    assert [(x["c_test"], x["status"]) for x in rows] == [(1.0, "done"), (0.0, "done")]
+    assert "sort_intact" in rows[0]  # the attention signature node ran too
+    listed = json.loads(wl("runs", "list", str(tmp_path / "tracr"), "--json").stdout)
+    assert [x["status"] for x in listed] == ["done"]
+    shards = tmp_path / "shards"
+    assert wl("stories", "generate", "--out", str(shards), "--shards", "4", "--per-shard", "120").returncode == 0
+    r = wl("stories", "table", "pretrain_steps=4", "delete_steps=2", "recover_steps=3", "columns=[0,1,2,3]",
+           "eval_n=1", "max_new_tokens=4", "probe_train=20", "probe_test=10", "probe_iters=5", "batch_size=4",
+           "model.d_model=16", "model.n_layer=2", "model.n_head=2", "model.seq_len=32", "vocab_size=360",
+           "--data", str(shards), "--out", str(tmp_path / "stories"), "--executor", "ray", "--workers", "2",
+           "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert len(res["table1"]) == 7 and len(res["probes"]) == 8
+    assert all(Path(d).parent == tmp_path / "stories" / "runs" for d in res["runs"].values())

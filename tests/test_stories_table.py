@@ -3,6 +3,7 @@ runs them (subprocess, real files) at a tiny scale."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,8 +89,13 @@ def protocol(tmp_path_factory):
     return out, json.loads(r.stdout)
 
 
+def _dir(out, name) -> Path:
+    """A protocol run's directory by its table name (the summary maps them; the store names them by run id)."""
+    return Path(json.loads((out / "stories_table.json").read_text())["runs"][name])
+
+
 def _side(out, name):
-    return json.loads((out / name / "checkpoint.json").read_text())
+    return json.loads((_dir(out, name) / "checkpoint.json").read_text())
 
 
 def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
@@ -116,7 +122,8 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
     assert rows["recover-F+R-S"]["before_reft_loss"] == _side(out, "delete-F+R-S")["metrics"][-1]["heldout_loss"]
     probes = {r["model"]: r for r in res["probes"]}
     assert set(probes) == {"pretrain", "control"} | {f"delete-{k}-{e}" for e in "MS" for k in ("F", "F+R", "F+MM")}
-    stored = json.loads((out / "delete-F-M" / "analysis" / "feature_probe.json").read_text())
+    (stored_path,) = (_dir(out, "delete-F-M") / "analysis").glob("feature_probe-*.json")
+    stored = json.loads(stored_path.read_text())
     twist = [x for x in stored["rows"] if x["feature"] == "Twist"]
     assert [x["layer"] for x in twist] == ["B0", "B1"]  # after every block but the last
     assert probes["delete-F-M"]["B1"] == twist[1]["acc"]
@@ -125,11 +132,11 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
 
 def test_table_rerun_reuses_every_run_and_prints_the_tables(protocol):
     out, res = protocol
-    before = {n: (out / n / "checkpoint.json").read_bytes() for n in RUNS}
+    before = {n: (_dir(out, n) / "checkpoint.json").read_bytes() for n in RUNS}
     r = wl("stories", "table", *TINY, "--data", str(out.parent / "shards"), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "training" not in r.stderr and "probing" not in r.stderr  # nothing trained again
-    assert {n: (out / n / "checkpoint.json").read_bytes() for n in RUNS} == before
+    assert "0 to execute" in r.stderr  # nothing trained or probed again
+    assert {n: (_dir(out, n) / "checkpoint.json").read_bytes() for n in RUNS} == before
     assert "Table 1 analog" in r.stdout and "Fig. 11a analog" in r.stdout
     assert "F+MM (η_S)" in r.stdout and "not in PT (control)" in r.stdout
 
@@ -145,7 +152,7 @@ def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tm
     c = claims()
     assert c["tinystories"]["cases"] == 6 and c["tinystories-probe"]["cases"] == 6
     assert c["tinystories"]["status"] != "not measured" and c["tinystories-probe"]["status"] != "not measured"
-    side_path = out / "recover-control" / "checkpoint.json"
+    side_path = _dir(out, "recover-control") / "checkpoint.json"
     original = side_path.read_text()
     try:
         side = json.loads(original)
@@ -156,7 +163,7 @@ def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tm
         for m in side["metrics"]:  # a control that never learns it
             m["score"], m["heldout_loss"] = 0.0, 99.0
         side_path.write_text(json.dumps(side))
-        recs = [json.loads((out / f"recover-{k}-{e}" / "checkpoint.json").read_text()) for e in "MS"
+        recs = [json.loads((_dir(out, f"recover-{k}-{e}") / "checkpoint.json").read_text()) for e in "MS"
                 for k in ("F", "F+R", "F+MM")]
         expect = "reproduced" if all(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
             else "partial" if any(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
@@ -168,12 +175,12 @@ def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tm
 
 def test_probe_command_writes_results_for_any_story_run(protocol):
     out, _ = protocol
-    r = wl("stories", "probe", str(out / "recover-F-M"), "--n-train", "30", "--n-test", "10", "--iters", "10",
+    r = wl("stories", "probe", str(_dir(out, "recover-F-M")), "--n-train", "30", "--n-test", "10", "--iters", "10",
            "--json")
     assert r.returncode == 0, r.stderr
     (res,) = json.loads(r.stdout)["results"]
     assert {x["feature"] for x in res["rows"]} == set(STORY_FEATURES) and res["meta"]["n_test"] == 10
-    assert (out / "recover-F-M" / "analysis" / "feature_probe.json").is_file()
+    assert (_dir(out, "recover-F-M") / "analysis" / "feature_probe.json").is_file()
 
 
 def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):

@@ -176,5 +176,5 @@ def test_cli_finetune_and_table_reuse(tmp_path):
     rows = json.loads(r1.stdout)["rows"]
     assert [(r["c_test"], r["paper_oft"]) for r in rows] == [(1.0, 90.2), (0.0, 88.6)]  # paper Table 3
     r2 = wl(*args)
-    assert "0 to train" in r2.stderr and json.loads(r2.stdout)["rows"] == rows
+    assert "0 to execute" in r2.stderr and json.loads(r2.stdout)["rows"] == rows
     assert Path(rows[0]["run_dir"]).is_dir()

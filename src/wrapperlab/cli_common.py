@@ -32,6 +32,7 @@ def user_errors() -> Iterator[None]:
     """Turn the library's user-facing errors (bad config, spec, store, checkpoint or analysis request) into one
     line on stderr and exit code 2."""
     from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.experiments.run import ExecutorError
     from wrapperlab.experiments.spec import SpecError
     from wrapperlab.experiments.store import StoreError
     from wrapperlab.tasks.stories import StoriesError
@@ -42,8 +43,8 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
-    except (AnalysisError, CheckpointError, ConfigError, SpecError, StoreError, StoriesError, TokenizerError,
-            JudgeError) as e:
+    except (AnalysisError, CheckpointError, ConfigError, ExecutorError, SpecError, StoreError, StoriesError,
+            TokenizerError, JudgeError) as e:
         _fail(str(e))
 
 

@@ -28,37 +28,13 @@ def _log(m: str) -> None:
 
 def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str, address: str | None,
                  device: str, dry_run: bool, progress: bool) -> dict:
-    """Plan ``spec`` into ``out_dir`` (a store), run what is missing, and return the outcome as a dict."""
-    from wrapperlab.experiments.executors import make_executor, run_plan
-    from wrapperlab.experiments.plan import build_plan
-    from wrapperlab.experiments.store import Store
+    """``experiments.run.run_spec`` with its problems as one-line errors (exit 2)."""
+    from wrapperlab.experiments.run import run_spec
 
-    if workers < 1:
-        _fail(f"--workers: must be >= 1 (got {workers})")
-    if threads < 0:
-        _fail(f"--threads: must be >= 0 (got {threads})")
     with user_errors():
-        plan = build_plan(spec, out_dir, threads=threads, device=device)
-    if dry_run:
-        rows = [{"kind": n.kind, "label": n.label, "key": n.key, "done": "yes" if n.complete() else "no"}
-                for n in plan.nodes.values()]
-        return {"dry_run": True, "nodes": rows}
-    # the executor first: an unreachable cluster fails here, before the store is created or touched
-    try:
-        ex = make_executor(executor, workers, threads, address)
-    except (ValueError, RuntimeError, ConnectionError) as e:
-        _fail(str(e))
-    try:
-        with user_errors():
-            store = Store(out_dir)
-            store.add_experiment(spec.name, spec.model_dump(mode="json"), list(plan.nodes))
-        outcome = run_plan(plan, ex, store, log=_log, progress=progress)
-    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: end the workers now, without waiting
-        ex.abort()
-        raise
-    finally:
-        ex.shutdown()
-    return {"store": str(out_dir), **outcome.to_dict()}
+        _, res = run_spec(spec, out_dir, workers=workers, threads=threads, executor=executor, address=address,
+                          device=device, dry_run=dry_run, progress=progress, log=_log)
+    return res
 
 
 @contextmanager
@@ -258,7 +234,8 @@ def reproduce_cmd(
             from wrapperlab.experiments import stories_table as ST
 
             with user_errors():
-                ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=2, threads=threads,
+                ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=workers, threads=threads,
+                             executor=executor, address=address,
                              log=None if as_json or not progress
                              else (lambda s: err.print(s, highlight=False, markup=False)))
     with user_errors():

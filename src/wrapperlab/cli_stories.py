@@ -202,16 +202,20 @@ def _pct(v) -> str:
 def table_cmd(
     overrides: list[str] | None = typer.Argument(None, show_default=False, help=(
         f"key=value changes to the preset: {TABLE_OVERRIDES}")),
-    out_dir: Path = typer.Option(Path("runs/stories"), "--out", help="where the protocol's runs go (reused on rerun)"),
+    out_dir: Path = typer.Option(Path("runs/stories"), "--out", help="the store the protocol's runs go to (reused "
+                                                                      "and resumed on rerun; `wrapperlab runs list`)"),
     preset_name: str = typer.Option("cpu", "--preset", help="cpu (≤ 30 min here, procedural stories) or paper "
                                                            "(the paper's 91M model: real shards, a judge and a GPU)"),
     data: Path | None = typer.Option(None, help="shards to use (default for cpu: procedural ones generated into "
                                                 "OUT/shards; required for paper)"),
     judge: Path | None = typer.Option(None, help="a classifier saved by `stories judge` (needed for real "
                                                  "stories; default: the exact checker of procedural stories)"),
-    workers: int = typer.Option(2, help="parallel processes per wave of independent runs (1 torch thread each "
-                                        "when > 1)"),
-    threads: int = typer.Option(0, help="torch threads per process (0: torch's default)"),
+    workers: int = typer.Option(2, help="parallel worker processes (local) or concurrent tasks (ray); 1 torch "
+                                        "thread each when > 1"),
+    threads: int = typer.Option(0, help="torch threads per process (0: 1 per worker when workers > 1)"),
+    executor: str = typer.Option("local", help="local (process pool) or ray"),
+    address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local "
+                                                                    "Ray instance)"),
     seed: int = typer.Option(0, help="training seed of every run"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
@@ -228,8 +232,6 @@ def table_cmd(
     from wrapperlab.training.config import ConfigError, parse_value
 
     log = None if as_json else (lambda s: err.print(s, highlight=False, markup=False))
-    if workers < 1:
-        _fail(f"--workers: must be >= 1 (got {workers})")
     with user_errors():
         p = ST.preset(preset_name)
         changes: dict = {"model": dict(p.model), "etas": dict(p.etas)}
@@ -245,7 +247,7 @@ def table_cmd(
             else:
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
-        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log, device)
+        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log, device, executor, address)
     if as_json:
         print(json.dumps(res))
         return
@@ -285,7 +287,7 @@ def probe_cmd(
     """Per-block linear probes for the six story features on the mean of the last 10 positions (App. F.2, Fig. 11a);
     writes RUN/analysis/feature_probe.json for each run and prints accuracy beside the base rate."""
     from wrapperlab.analysis.common import AnalysisError
-    from wrapperlab.experiments.stories_table import probe_story_run
+    from wrapperlab.analysis.registry import Context, analyze
     from wrapperlab.tasks.stories import StoriesError
     from wrapperlab.training import checkpoint as ck
     from wrapperlab.training.config import ConfigError
@@ -295,7 +297,10 @@ def probe_cmd(
     results = []
     for d in run_dirs:
         try:
-            results.append(probe_story_run(d, n_train, n_test, iters, seed, device=device))
+            res = analyze("feature_probe", d, n_train=n_train, n_test=n_test, iters=iters, seed=seed,
+                          context=Context(device=device))
+            res.save(Path(d) / "analysis" / "feature_probe.json")
+            results.append(res)
         except (AnalysisError, ConfigError, StoriesError, ck.CheckpointError) as e:
             _fail(f"{d}: {e}")
     if as_json:

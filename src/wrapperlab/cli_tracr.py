@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, print_rows
+from wrapperlab.cli_common import _fail, err, print_rows, user_errors
 
 tracr_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Tracr programs (paper App. B.1): compile RASP to wrapperlab models, check the port "
@@ -119,18 +119,28 @@ def finetune_cmd(
 
 @tracr_app.command("table")
 def table_cmd(
-    out_dir: Path = typer.Option(Path("runs/tracr"), "--out", help="where the grid's runs go (reused on rerun)"),
+    overrides: list[str] | None = typer.Argument(None, show_default=False, help="key=value overrides for every "
+                                                 "cell, e.g. steps=200 task.init_noise=1e-3"),
+    out_dir: Path = typer.Option(Path("runs/tracr"), "--out", help="the store the grid's runs go to (reused and "
+                                                                   "resumed on rerun)"),
     preset: str = typer.Option("tracr-cpu", help="tracr-cpu (this machine) or tracr-paper"),
     programs: str = typer.Option("counter,max-identifier", help="comma-separated programs"),
     lrs: str = typer.Option("L,M,S,VS", help="comma-separated LR names"),
     c_train: str | None = typer.Option(None, help="comma-separated c_train values (default: 0,0.5,0.8,1; "
                                                   "'paper' = 0,0.2,0.5,0.6,0.8,0.9,1)"),
-    workers: int = typer.Option(2, help="parallel training processes (1 torch thread each when > 1)"),
+    workers: int = typer.Option(2, help="parallel worker processes (local) or concurrent tasks (ray)"),
+    threads: int = typer.Option(1, help="torch threads per worker"),
+    executor: str = typer.Option("local", help="local (process pool) or ray"),
+    address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local "
+                                                                    "Ray instance)"),
+    seeds: str | None = typer.Option(None, help="comma-separated training seeds: a seed axis (default: the "
+                                                "preset's seed 0)"),
     as_json: bool = typer.Option(False, "--json", help="print the rows as one JSON object"),
 ) -> None:
-    """Our Table 3 analog (O_PT / O_FT accuracy at C_Te = 1 and 0 after fine-tuning) beside the paper's."""
+    """Our Table 3 analog (O_PT / O_FT accuracy at C_Te = 1 and 0 after fine-tuning) beside the paper's. The grid is
+    an experiment spec: OUT is a store (`wrapperlab runs list OUT`), reused and resumed on rerun."""
     from wrapperlab.experiments import tracr_table as TT
-    from wrapperlab.training.config import ConfigError
+    from wrapperlab.training.config import parse_overrides_as_values
 
     progs = [p.strip() for p in programs.split(",") if p.strip()]
     bad = [p for p in progs if p not in TT.PROGRAMS]
@@ -150,13 +160,17 @@ def table_cmd(
             _fail(f"c_train: expected comma-separated numbers, got {c_train!r}")
         if any(not 0 <= c <= 1 for c in cs):
             _fail(f"c_train: values must be in [0, 1], got {c_train!r}")
-    if workers < 1:
-        _fail(f"workers: must be >= 1, got {workers}")
-    try:
-        rows = TT.run_table(progs, names, cs, preset, out_dir, threads=1 if workers > 1 else 0, workers=workers,
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            _fail(f"seeds: expected comma-separated integers, got {seeds!r}")
+    with user_errors():
+        values = parse_overrides_as_values(overrides or [])
+        rows = TT.run_table(progs, names, cs, preset, out_dir, overrides=values, threads=threads, workers=workers,
+                            executor=executor, address=address, seeds=seed_list,
                             log=lambda s: err.print(s, highlight=False, markup=False))
-    except ConfigError as e:
-        _fail(str(e))
     if as_json:
         print(json.dumps({"rows": rows}))
         return

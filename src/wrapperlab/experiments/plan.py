@@ -91,7 +91,7 @@ def _run_cost(cfg) -> float:
     """~FLOPs of training and evaluation, in units of 1e9 (6 N tokens for a step, 2 N tokens per eval sample)."""
     m = cfg.model
     n_params = _n_params(json.dumps(m.model_dump(mode="json"), sort_keys=True))
-    seq = m.seq_len if cfg.is_tracr else cfg.task.window + 12
+    seq = cfg.task.seq_len  # every task config knows its sequence length
     train = 6 * n_params * cfg.train.steps * cfg.train.batch_size * seq
     n_evals = cfg.train.steps // cfg.eval.every + 1
     n_sets = 2 * len(cfg.eval.c_test) * (5 if cfg.report_all_families else 1)
@@ -138,8 +138,7 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
                     if rid not in keys:
                         keys.append(rid)
                     continue
-                raw.pop("_explicit", None)
-                raw.pop("_notes", None)
+                raw.pop("_notes", None)  # _explicit stays: the worker re-resolves against the real parent with it
                 nodes[rid] = Node(rid, "run", name, label, full_point, [pnode.key] if pnode else [],
                                   {"kind": "run", "raw": raw, "run_dir": str(run_dir), "run_id": rid},
                                   _run_cost(cfg), rid, str(run_dir),
@@ -198,8 +197,7 @@ def _training_nodes(nodes: dict[str, Node], ft: Node, tool, settings, runs_dir: 
             raise SpecError(f"{where} ({r.name} of {tool.name} on {ft.label}): {e}") from None
         rid = cfg_r.run_id(parent.run_id if parent else None)
         if rid not in nodes:
-            raw.pop("_explicit", None)
-            raw.pop("_notes", None)
+            raw.pop("_notes", None)  # _explicit stays: the worker re-resolves against the real parent with it
             run_dir = default_run_dir(cfg_r, parent.run_id if parent else None, runs_dir)
             nodes[rid] = Node(rid, "run", f"{tool.name}:{r.name}", f"{tool.name} {r.name} <- {ft.label}",
                               dict(ft.point), [parent.key] if parent else [],

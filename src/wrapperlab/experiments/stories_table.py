@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wrapperlab.experiments.spec import AnalysisSpec, ExperimentSpec, RunGroup
+
 KINDS = ("F", "F+R", "F+MM")
 ETAS = ("M", "S")
 
@@ -119,171 +121,62 @@ def check_preset(p: StoriesPreset) -> StoriesPreset:
     return p
 
 
-@dataclass(frozen=True)
-class Job:
-    name: str
-    stage: str
-    values: dict
-    parent: str | None = None
-
-
-def plan(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0,
-         device: str = "cpu") -> list[Job]:
-    """Every run of the protocol in dependency order (a job's parent comes before it), as ``stories`` preset
-    overrides; a child inherits its parent's model, tokenizer and data."""
-    every = {"seed": seed, "device": device, "train.precision": p.precision, "batch_size": p.batch_size}
+def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0) -> ExperimentSpec:
+    """The protocol as an experiment spec of the ``stories`` preset: pretrain and the control, deletion of each
+    kind at η_M and η_S below pretrain, reFT below every deletion and below the control (a child inherits its
+    parent's model, tokenizer and data), and Fig. 11a's probes on pretrain, the control and the deleted models."""
+    every = {"seed": seed, "train.precision": p.precision, "batch_size": p.batch_size}
     root = {**every, "task.data": str(data), "task.vocab_size": p.vocab_size, "task.seq_len": p.model["seq_len"],
             "task.max_new_tokens": p.max_new_tokens, "task.eval_n": p.eval_n, "task.judge": judge,
-            **{f"model.{k}": v for k, v in p.model.items() if k != "seq_len"}}
-    pre = {**root, "steps": p.pretrain_steps, "lr": p.pretrain_lr, "train.warmup_frac": p.warmup_frac,
-           "eval.every": p.pretrain_steps}
-    jobs = [Job("pretrain", "pretrain", {**pre, "task.dataset": "all"}),
-            Job("control", "pretrain", {**pre, "task.dataset": "filter"})]
+            **{f"model.{k}": v for k, v in p.model.items() if k != "seq_len"},
+            "steps": p.pretrain_steps, "lr": p.pretrain_lr, "train.warmup_frac": p.warmup_frac,
+            "eval.every": p.pretrain_steps}
     rec = {**every, "steps": p.recover_steps, "lr": p.recover_lr, "task.dataset": "recovery",
            "eval.every": p.recover_steps, "eval.at": [c for c in p.columns if 0 < c < p.recover_steps]}
-    for eta in ETAS:
-        for kind in KINDS:
-            jobs.append(Job(f"delete-{kind}-{eta}", "finetune", {**every, "steps": p.delete_steps, "lr": p.etas[eta],
-                                                                  "task.dataset": kind, "eval.every": p.delete_steps},
-                            "pretrain"))
-    for eta in ETAS:
-        for kind in KINDS:
-            jobs.append(Job(f"recover-{kind}-{eta}", "reft", dict(rec), f"delete-{kind}-{eta}"))
-    jobs.append(Job("recover-control", "reft", dict(rec), "control"))
-    return jobs
+    runs = {
+        "pretrain": RunGroup(stage="pretrain", preset="stories", set={**root, "task.dataset": "all"}),
+        "control": RunGroup(stage="pretrain", preset="stories", set={**root, "task.dataset": "filter"}),
+        "delete": RunGroup(stage="finetune", preset="stories", parent="pretrain",
+                           set={**every, "steps": p.delete_steps, "eval.every": p.delete_steps},
+                           grid={"task.dataset": list(KINDS), "lr": [p.etas[e] for e in ETAS]}),
+        "recover": RunGroup(stage="reft", preset="stories", parent="delete", set=rec),
+        "recover_control": RunGroup(stage="reft", preset="stories", parent="control", set=rec),
+    }
+    probe = {"n_train": p.probe_train, "n_test": p.probe_test, "iters": p.probe_iters, "seed": seed}
+    return ExperimentSpec(name=f"stories-{p.name}", description="the TinyStories protocol (paper App. F; Table 1, "
+                          "Fig. 11a)", runs=runs,
+                          analyses=[AnalysisSpec(tool="feature_probe", on=g, settings=probe)
+                                    for g in ("pretrain", "control", "delete")])
 
 
-def _raw(job: Job, out: str | Path, threads: int = 0) -> dict:
-    from wrapperlab.training.config import build_config
-
-    values = dict(job.values, threads=threads)
-    if job.parent:
-        values["parent"] = str(Path(out) / job.parent)
-    return build_config(job.stage, "stories", values=values)
-
-
-def check_jobs(jobs: list[Job], out: str | Path = "unchecked") -> None:
-    """Validate every job's config before anything trains (one-line ``ConfigError``), each child against its
-    parent's planned config."""
-    from wrapperlab.training.stage import resolve
-
-    planned: dict[str, dict] = {}
-    for j in jobs:
-        cfg, _ = resolve(_raw(j, out), parent_side=planned.get(j.parent))
-        planned[j.name] = {"config": cfg.model_dump(mode="json"), "run_id": j.name, "stage": cfg.stage,
-                           "status": "done"}
-
-
-def _run_job(job: Job, out: str, threads: int, verbose: bool = False) -> dict:
-    """Train one run (a finished one returns at once); runs in a worker process too. ``verbose``: print each
-    evaluation to stderr, prefixed with the run's name (a long protocol shows progress)."""
-    import sys
-
-    from wrapperlab.training.stage import Stage, resolve
-
-    t0 = time.perf_counter()
-    log = (lambda m: print(f"  {job.name} {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
-    cfg, parent = resolve(_raw(job, out, threads))
-    side = Stage(cfg, parent, Path(out) / job.name).run(progress=False, log=log)
-    return {"name": job.name, "status": side.get("status"), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _waves(jobs: list[Job]) -> list[list[Job]]:
-    depth: dict[str, int] = {}
-    for j in jobs:
-        depth[j.name] = 0 if j.parent is None else depth[j.parent] + 1
-    return [[j for j in jobs if depth[j.name] == d] for d in range(max(depth.values()) + 1)]
-
-
-def run_protocol(jobs: list[Job], out: str | Path, workers: int = 1, threads: int = 0,
-                 log: Callable[[str], None] | None = None) -> list[dict]:
-    """Train every job (reusing finished runs), wave by wave: a wave's jobs share one parent depth, and with
-    ``workers`` > 1 run in that many processes (``threads`` each)."""
-    from wrapperlab.training import checkpoint as ck
-
-    check_jobs(jobs, out)  # every config is valid before anything trains
-    verbose = log is not None
-    log = log or (lambda s: None)
-    done = []
-    for wave in _waves(jobs):
-        todo = []
-        for j in wave:
-            side_path = Path(out) / j.name / ck.SIDECAR
-            if side_path.is_file() and ck.read_sidecar(Path(out) / j.name).get("status") == "done":
-                done.append({"name": j.name, "status": "done", "seconds": 0.0, "reused": True})
-            else:
-                todo.append(j)
-        if not todo:
-            continue
-        log(f"training {', '.join(j.name for j in todo)}")
-        if workers > 1 and len(todo) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(workers, len(todo))) as pool:
-                results = list(pool.map(_run_job, todo, [str(out)] * len(todo), [threads] * len(todo),
-                                        [verbose] * len(todo)))
-        else:
-            results = [_run_job(j, str(out), threads, verbose) for j in todo]
-        for r in results:
-            log(f"  {r['name']}: {r['status']} in {r['seconds']:.0f} s")
-            if r["status"] != "done":
-                from wrapperlab.training.config import ConfigError
-
-                raise ConfigError(f"run {r['name']} ended {r['status']} (see {Path(out) / r['name']})")
-        done += results
-    return done
-
-
-# ------------------------------------------------------------------------------------------------- probes
-
-
-def probe_story_run(run_dir: str | Path, n_train: int, n_test: int, iters: int = 2000, seed: int = 0,
-                    threads: int = 0, device: str = "cpu"):
-    """Fig. 11a's probes on one finished story run (``analysis.feature_probes.feature_probe_run``); saves
-    ``RUN/analysis/feature_probe.json``."""
-    import torch
-
-    from wrapperlab.analysis.feature_probes import FeatureProbeRunSettings, feature_probe_run
-
-    if threads:
-        torch.set_num_threads(threads)
-    res = feature_probe_run(run_dir, settings=FeatureProbeRunSettings(n_train=n_train, n_test=n_test, iters=iters,
-                                                                      seed=seed), device=device)
-    res.save(Path(run_dir) / "analysis" / "feature_probe.json")
-    return res
-
-
-def _probe_job(args) -> None:
-    probe_story_run(*args)
+def protocol_runs(p: StoriesPreset, plan) -> dict[str, Path]:
+    """The run directory of every run of the protocol by its name in the tables (pretrain, control,
+    delete-F-M, ..., recover-F-M, ..., recover-control)."""
+    out: dict[str, Path] = {}
+    for node in plan.runs():
+        if node.group in ("pretrain", "control", "recover_control"):
+            out[node.group.replace("_", "-")] = Path(node.run_dir)
+        elif node.group in ("delete", "recover"):
+            eta = next(e for e in ETAS if abs(node.point["train.lr"] - p.etas[e]) < 1e-12)
+            out[f"{node.group}-{node.point['task.dataset']}-{eta}"] = Path(node.run_dir)
+    return out
 
 
 PROBED = ("pretrain", "control") + tuple(f"delete-{k}-{e}" for e in ETAS for k in KINDS)
 
 
-def run_probes(p: StoriesPreset, out: str | Path, workers: int = 1, threads: int = 0, seed: int = 0,
-               log: Callable[[str], None] = lambda s: None, device: str = "cpu") -> None:
-    todo = [n for n in PROBED if not (Path(out) / n / "analysis" / "feature_probe.json").is_file()]
-    if not todo:
-        return
-    log(f"probing {', '.join(todo)}")
-    args = [(str(Path(out) / n), p.probe_train, p.probe_test, p.probe_iters, seed, threads, device) for n in todo]
-    if workers > 1 and len(args) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(workers, len(args))) as pool:
-            list(pool.map(_probe_job, args))
-    else:
-        for a in args:
-            _probe_job(a)
+def _probe_results(plan, runs: dict[str, Path]) -> dict[str, Path]:
+    by_dir = {Path(n.run_dir): Path(n.payload["result"]) for n in plan.analyses("feature_probe")}
+    return {name: by_dir[d] for name, d in runs.items() if d in by_dir}
 
 
 # ------------------------------------------------------------------------------------------------- tables
 
 
-def _metrics(out: Path, name: str) -> list[dict]:
+def _metrics(runs: dict[str, Path], name: str) -> list[dict]:
     from wrapperlab.training import checkpoint as ck
 
-    return ck.read_sidecar(out / name).get("metrics", [])
+    return ck.read_sidecar(runs[name]).get("metrics", [])
 
 
 def _at(metrics: list[dict], step: int, key: str):
@@ -291,10 +184,10 @@ def _at(metrics: list[dict], step: int, key: str):
     return hit[-1][key] if hit else None
 
 
-def table1_rows(p: StoriesPreset, out: str | Path) -> list[dict]:
+def table1_rows(p: StoriesPreset, runs: dict[str, Path]) -> list[dict]:
     """One row per deleted model and the control: the twist rate and held-out loss at each reFT column, the
     pretrained and post-deletion values, and the paper's Table 1 row."""
-    out = Path(out)
+    out = runs
     pt = _metrics(out, "pretrain")[-1]
     rows = []
     for eta in ETAS:
@@ -306,7 +199,7 @@ def table1_rows(p: StoriesPreset, out: str | Path) -> list[dict]:
     return rows
 
 
-def _row(out: Path, p: StoriesPreset, label: str, name: str, paper: tuple, pt: dict, before: dict,
+def _row(out: dict[str, Path], p: StoriesPreset, label: str, name: str, paper: tuple, pt: dict, before: dict,
          lr: float | None) -> dict:
     m = _metrics(out, name)
     row = {"model": label, "run": name, "delete_lr": lr, "pretrained_rate": pt["score"],
@@ -318,14 +211,14 @@ def _row(out: Path, p: StoriesPreset, label: str, name: str, paper: tuple, pt: d
     return row
 
 
-def probe_rows(out: str | Path, feature: str = "Twist") -> list[dict]:
+def probe_rows(results: dict[str, Path], feature: str = "Twist") -> list[dict]:
     """Fig. 11a analog: the feature's probe accuracy per block for every probed model (with the base rate)."""
     from wrapperlab.analysis.common import Result
 
     rows = []
     for name in PROBED:
-        path = Path(out) / name / "analysis" / "feature_probe.json"
-        if not path.is_file():
+        path = results.get(name)
+        if path is None or not path.is_file():
             continue
         res = Result.load(path)
         hits = [r for r in res.rows if r["feature"] == feature]
@@ -336,10 +229,12 @@ def probe_rows(out: str | Path, feature: str = "Twist") -> list[dict]:
     return rows
 
 
-def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> dict:
+def summary(p: StoriesPreset, out: str | Path, plan, wall_s: float | None = None) -> dict:
     out = Path(out)
+    runs = protocol_runs(p, plan)
     res = {"preset": asdict(p), "columns": list(p.columns), "paper_columns": list(PAPER_COLUMNS),
-           "table1": table1_rows(p, out), "probes": probe_rows(out), "paper_probe_claim": PAPER_PROBE_CLAIM}
+           "runs": {k: str(v) for k, v in runs.items()}, "table1": table1_rows(p, runs),
+           "probes": probe_rows(_probe_results(plan, runs)), "paper_probe_claim": PAPER_PROBE_CLAIM}
     if wall_s is not None:
         res["wall_s"] = round(wall_s, 1)
     from wrapperlab.fileio import atomic_write_text
@@ -350,37 +245,41 @@ def summary(p: StoriesPreset, out: str | Path, wall_s: float | None = None) -> d
 
 def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None, judge: str | Path | None = None,
               workers: int = 1, threads: int = 0, seed: int = 0, probes: bool = True,
-              log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
-    """The whole protocol under ``out``: procedural shards (when ``data`` is None and the preset has a recipe),
-    every run, the probes, and the summary (also saved as ``OUT/stories_table.json``)."""
+              log: Callable[[str], None] | None = None, device: str = "cpu", executor: str = "local",
+              address: str | None = None, progress: bool = False) -> dict:
+    """The whole protocol in the store ``out``: procedural shards (when ``data`` is None and the preset has a
+    recipe), every run and the probes on the chosen executor, and the summary (also ``OUT/stories_table.json``)."""
+    from wrapperlab.experiments.plan import build_plan
+    from wrapperlab.experiments.run import raise_failures, run_spec
     from wrapperlab.training.config import ConfigError
     from wrapperlab.training.story_judge import load_judge
 
     check_preset(p)
     out = Path(out)
     say = log or (lambda s: None)
-    check_jobs(plan(p, out / "shards", None, seed, device), out)  # every config is valid before anything is written
+    if data is None and not p.data:
+        raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
+    shards = Path(data) if data is not None else out / "shards"
+    spec = protocol_spec(p, shards.resolve(), str(Path(judge).resolve()) if judge else None, seed)
+    if not probes:
+        spec = spec.model_copy(update={"analyses": []})
+    build_plan(spec, out, threads=threads, device=device)  # every config is valid before anything is written
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {device} requested but torch sees no CUDA device")
     if judge is not None:
         load_judge(judge)  # a bad file fails now, not after hours of training
-    if data is None:
-        if not p.data:
-            raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
-        data = out / "shards"
-        if not list(Path(data).glob("data*.json")):
-            from wrapperlab.tasks.stories import generate_records, write_shards
+    if data is None and not list(shards.glob("data*.json")):
+        from wrapperlab.tasks.stories import generate_records, write_shards
 
-            rng = np.random.default_rng(p.data["seed"])
-            write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
-                          for _ in range(p.data["shards"])], data, source="wrapperlab procedural")
-            say(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {data}")
-    jobs = plan(p, Path(data).resolve(), str(Path(judge).resolve()) if judge else None, seed, device)
+        rng = np.random.default_rng(p.data["seed"])
+        write_shards([generate_records(p.data["per_shard"], rng, feature_rate=p.data["feature_rate"])
+                      for _ in range(p.data["shards"])], shards, source="wrapperlab procedural")
+        say(f"wrote {p.data['shards']} × {p.data['per_shard']} procedural stories to {shards}")
     t0 = time.perf_counter()
     per = threads or (max(1, 2 // workers) if workers > 1 else 0)
-    run_protocol(jobs, out, workers, per, log)
-    if probes:
-        run_probes(p, out, workers, per, seed, say, device)
-    return summary(p, out, time.perf_counter() - t0)
+    plan, outcome = run_spec(spec, out, workers=workers, threads=per, executor=executor, address=address,
+                             device=device, log=log, progress=progress)
+    raise_failures(outcome)
+    return summary(p, out, plan, time.perf_counter() - t0)

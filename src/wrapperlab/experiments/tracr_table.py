@@ -1,18 +1,19 @@
 """Table 3 analog (paper Table 3; App. C.1 recipe): fine-tune the compiled Counter and Max-identifier at every learning
 rate and c_train, evaluate O_PT / O_FT accuracy at C_Te = 1 and 0, and set each cell beside the paper's.
 
-Runs are ordinary wrapperlab run directories (``OUT/<program>-<lr>-c<c_train>``): finished runs are reused, an
-interrupted one resumes. The cpu preset sweeps c_train over {0, 0.5, 0.8, 1} (the PCFG grid) to fit this machine;
-``c_trains=PAPER_C_TRAIN`` gives the paper's seven values.
+The grid is an experiment spec run into the store ``OUT`` by the one planner and executor (local pool or Ray):
+finished runs are reused, an interrupted one resumes, and ``seeds`` adds a seed axis. The cpu preset sweeps c_train
+over {0, 0.5, 0.8, 1} (the PCFG grid) to fit this machine; ``c_trains=PAPER_C_TRAIN`` gives the paper's seven.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+
+from wrapperlab.experiments.spec import AnalysisSpec, ExperimentSpec, RunGroup
 
 LRS = ("L", "M", "S", "VS")
 CPU_C_TRAIN = (0.0, 0.5, 0.8, 1.0)
@@ -24,77 +25,40 @@ def paper_table3() -> list[dict]:
     return json.loads(resources.files("wrapperlab.data").joinpath("paper_table3.json").read_text())["rows"]
 
 
-def plan(programs=PROGRAMS, lrs=LRS, c_trains=CPU_C_TRAIN, preset: str = "tracr-cpu", out: str | Path = "runs/tracr",
-         overrides: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
-    """(run directory, raw config) for every cell, in execution order."""
-    from wrapperlab.training.config import build_config
-
-    cells = []
-    for prog in programs:
-        for lr in lrs:
-            for c in c_trains:
-                raw = build_config("finetune", preset, overrides=[f"task.program={prog}", f"lr={lr}",
-                                                                  f"c_train={c:g}", *overrides])
-                cells.append((Path(out) / f"{prog}-{lr}-c{c:g}", raw))
-    return cells
+def table_spec(programs=PROGRAMS, lrs=LRS, c_trains=CPU_C_TRAIN, preset: str = "tracr-cpu",
+               overrides: dict | None = None, seeds: tuple[int, ...] | None = None) -> ExperimentSpec:
+    """The grid as an experiment spec: one fine-tuning group per program over lr x c_train (x seed), with the
+    attention signature of every run."""
+    grid = {"lr": list(lrs), "c_train": list(c_trains), **({"seed": list(seeds)} if seeds else {})}
+    runs = {p.replace("-", "_"): RunGroup(stage="finetune", preset=preset, set={"task.program": p, **(overrides or {})},
+                                          grid=grid) for p in programs}
+    return ExperimentSpec(name="tracr-table3", description="Table 3 analog (paper App. C.1, Table 3)", runs=runs,
+                          analyses=[AnalysisSpec(tool="attention_signature", on=g) for g in runs])
 
 
 def run_table(programs=PROGRAMS, lrs=LRS, c_trains=CPU_C_TRAIN, preset: str = "tracr-cpu",
-              out: str | Path = "runs/tracr", overrides: tuple[str, ...] = (), threads: int = 0, workers: int = 1,
-              log: Callable[[str], None] | None = None) -> list[dict]:
-    """Train (or reuse) every cell and return one row per (program, lr, c_train, c_test)."""
-    from wrapperlab.analysis.attention import attention_signature
-    from wrapperlab.training.stage import Stage, resolve
-
-    log = log or (lambda s: None)
-    cells = plan(programs, lrs, c_trains, preset, out, overrides)
-    for _, raw in cells:
-        if threads:
-            raw["threads"] = threads
-        resolve(dict(raw))  # every cell's config is valid before anything trains
-    todo = [c for c in cells if not _done(c[0])]
-    log(f"{len(cells)} runs planned, {len(cells) - len(todo)} already finished, {len(todo)} to train "
-        f"({workers} worker{'s' if workers > 1 else ''})")
-    t0 = time.perf_counter()
-    if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(workers) as pool:
-            futs = [pool.submit(_train_cell, str(d), raw) for d, raw in todo]
-            for i, f in enumerate(as_completed(futs)):
-                _progress(log, f.result(), i + 1, len(todo), t0)
-    else:
-        for i, (d, raw) in enumerate(todo):
-            _progress(log, _train_cell(str(d), raw), i + 1, len(todo), t0)
-    rows = []
-    for run_dir, raw in cells:
-        cfg, parent = resolve(dict(raw))
-        side = Stage(cfg, parent, run_dir).existing() or {}
-        attn = attention_signature(run_dir).rows[0] if side.get("status") == "done" else {}
-        rows += [dict(r, **attn) for r in cell_rows(cfg, side, run_dir)]
-    return rows
-
-
-def _train_cell(run_dir: str, raw: dict) -> tuple[str, str]:
-    from wrapperlab.training.stage import Stage, resolve
-
-    cfg, parent = resolve(dict(raw))
-    side = Stage(cfg, parent, run_dir).run(progress=False)
-    return Path(run_dir).name, str(side.get("status"))
-
-
-def _progress(log, result: tuple[str, str], done: int, total: int, t0: float) -> None:
-    el = time.perf_counter() - t0
-    log(f"[{done}/{total}] {result[0]}: {result[1]} (elapsed {el:.0f} s, ETA {el / done * (total - done):.0f} s)")
-
-
-def _done(run_dir: Path) -> bool:
+              out: str | Path = "runs/tracr", overrides: dict | None = None, threads: int = 0, workers: int = 1,
+              executor: str = "local", address: str | None = None, seeds: tuple[int, ...] | None = None,
+              log: Callable[[str], None] | None = None, progress: bool = False) -> list[dict]:
+    """Train (or reuse) every cell in the store ``out`` on the chosen executor and return one row per
+    (program, lr, c_train, c_test), with the cell's attention signature."""
+    from wrapperlab.analysis.common import Result
+    from wrapperlab.experiments.run import raise_failures, run_spec
     from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.config import validate
 
-    try:
-        return ck.read_sidecar(run_dir).get("status") == "done"
-    except ck.CheckpointError:
-        return False
+    spec = table_spec(programs, lrs, c_trains, preset, overrides, seeds)
+    plan, outcome = run_spec(spec, out, workers=workers, threads=threads, executor=executor, address=address,
+                             log=log, progress=progress)
+    raise_failures(outcome)
+    rows = []
+    for node in plan.runs():
+        side = ck.read_sidecar(node.run_dir) if Path(node.run_dir, ck.SIDECAR).is_file() else {}
+        sig = [a for a in plan.analyses("attention_signature") if a.run_id == node.run_id]
+        attn = (Result.load(sig[0].payload["result"]).rows[0]
+                if sig and Path(sig[0].payload["result"]).is_file() else {})
+        rows += [dict(r, **attn) for r in cell_rows(validate(node.side["config"]), side, Path(node.run_dir))]
+    return rows
 
 
 def cell_rows(cfg, side: dict, run_dir: Path) -> list[dict]:

@@ -240,6 +240,17 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def parse_overrides_as_values(items: list[str]) -> dict[str, Any]:
+    """``key=value`` items as data ({key as given: parsed value}), for ``build_config(values=...)`` and specs."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-5, task.window=64)")
+        out[key.strip()] = parse_value(raw.strip())
+    return out
+
+
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in d.items():
