@@ -92,12 +92,17 @@ def get_analysis(name: str) -> Analysis:
 
 
 def analyze(name: str, target, task=None, *, settings: dict | Settings | None = None, context: Context | None = None,
-            **kw) -> Result:
-    """Run analysis ``name`` on a run directory, or on ``(model, task)``. Settings come as a dict, a settings object
-    or keyword arguments; every one is validated before any work."""
+            inputs: dict[str, Result] | None = None, **kw) -> Result:
+    """Run analysis ``name`` on a run (a directory or a loaded ``Run``), or on ``(model, task)``. Settings come as a
+    dict, a settings object or keyword arguments; every one is validated before any work. ``inputs``: results this
+    analysis combines (the verdict's probe, prune and revival)."""
     a = get_analysis(name)
     ctx = context or Context()
+    if inputs:
+        ctx.inputs = {**ctx.inputs, **inputs}
     given = settings if isinstance(settings, Settings) else {**(settings or {}), **kw}
+    if hasattr(target, "path") and hasattr(target, "sidecar"):  # a loaded Run
+        target = target.path
     if isinstance(target, (str, Path)):
         if a.on_run is None:
             raise AnalysisError(f"{name} works on a model and its task, not on a run directory")
