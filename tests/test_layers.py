@@ -1,12 +1,14 @@
-"""The architecture holds: data flows one way (package data, fileio -> tasks -> models -> training -> analysis -> experiments -> report ->
-bench -> cli), so no module imports a higher layer, not even inside a function."""
+"""The architecture holds: data flows one way (package data, fileio, the registry mechanism -> tasks -> models ->
+training -> analysis -> experiments -> report -> bench -> cli), so no module imports a higher layer, not even
+inside a function."""
 
 import ast
 from pathlib import Path
 
 import wrapperlab
 
-ORDER = ["data", "fileio", "tasks", "models", "training", "analysis", "experiments", "report", "bench", "cli"]
+ORDER = ["data", "fileio", "registry", "tasks", "models", "training", "analysis", "experiments", "report", "bench",
+         "cli"]
 ROOT = Path(wrapperlab.__file__).parent
 
 

@@ -10,13 +10,13 @@ adding an analysis is its module plus one :func:`register` call (docs/extending.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wrapperlab.analysis.common import AnalysisError, Result, Settings, need
+from wrapperlab.registry import Registry
 
 BUILTIN = ("wrapperlab.analysis.builtin",)
 
@@ -66,29 +66,8 @@ class Analysis:
         return list(self.settings.model_fields) + list(self.run_settings)
 
 
-ANALYSES: dict[str, Analysis] = {}
-_loaded = False
-
-
-def register(analysis: Analysis) -> Analysis:
-    ANALYSES[analysis.name] = analysis
-    return analysis
-
-
-def analyses() -> dict[str, Analysis]:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN:
-            importlib.import_module(mod)
-    return dict(ANALYSES)
-
-
-def get_analysis(name: str) -> Analysis:
-    known = analyses()
-    if name not in known:
-        raise AnalysisError(f"unknown analysis {name!r}; choose from {', '.join(known)}")
-    return known[name]
+ANALYSES: Registry[Analysis] = Registry("analysis", BUILTIN, AnalysisError)
+register, analyses, get_analysis = ANALYSES.register, ANALYSES.all, ANALYSES.get
 
 
 def analyze(name: str, target, task=None, *, settings: dict | Settings | None = None, context: Context | None = None,
@@ -124,3 +103,24 @@ def analyze(name: str, target, task=None, *, settings: dict | Settings | None = 
     for comp in a.needs:
         need(target, comp)
     return a.on_model(target, task, a.make_settings(given))
+
+
+def gather_inputs(name: str, run, out_dir: str | Path, *, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                  log: Callable[[str], None] = lambda _m: None) -> dict[str, Result]:
+    """The results analysis ``name`` combines, for one run: each input is read from ``out_dir/<input>.json`` when
+    present, else computed (with ``defaults[input]`` settings) and saved there. ``skip``: inputs to leave out."""
+    out_dir = Path(out_dir)
+    inputs: dict[str, Result] = {}
+    for dep in get_analysis(name).inputs:
+        path = out_dir / f"{dep}.json"
+        if dep in skip:
+            continue
+        if path.is_file():
+            inputs[dep] = Result.load(path)
+            log(f"{dep}: reusing {path}")
+            continue
+        log(f"{dep}: computing (default settings) -> {path}")
+        inputs[dep] = analyze(dep, run, settings=(defaults or {}).get(dep),
+                              context=Context(out=out_dir / dep, log=log))
+        inputs[dep].save(path)
+    return inputs

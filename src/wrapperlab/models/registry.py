@@ -17,11 +17,12 @@ imported on first use, so adding a family is its module plus one line there (doc
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
+
+from wrapperlab.registry import Registry
 
 BUILTIN = (
     "wrapperlab.models.transformer",
@@ -75,40 +76,13 @@ class ModelFamily:
     pretrained: Callable[[object, int], object] | None = None
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
-_loaded = False
-
-
-def register(family: ModelFamily) -> ModelFamily:
-    """Add a family (called at import time by the family's module)."""
-    _FAMILIES[family.name] = family
-    return family
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN:
-            importlib.import_module(mod)
-
-
-def families() -> dict[str, ModelFamily]:
-    _load()
-    return dict(_FAMILIES)
-
-
-def get_family(name: str) -> ModelFamily:
-    _load()
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; choose from {', '.join(_FAMILIES)}")
-    return _FAMILIES[name]
+FAMILIES: Registry[ModelFamily] = Registry("model family", BUILTIN)
+register, families, get_family = FAMILIES.register, FAMILIES.all, FAMILIES.get
 
 
 def default_family(task_kind: str) -> str:
     """The family a run of ``task_kind`` uses when its config names none (gpt unless a family claims the kind)."""
-    _load()
-    return next((f.name for f in _FAMILIES.values() if task_kind in f.default_for_tasks), "gpt")
+    return next((f.name for f in families().values() if task_kind in f.default_for_tasks), "gpt")
 
 
 def family_of(model) -> ModelFamily:

@@ -196,3 +196,18 @@ def plot_tracr_signatures(rows: list[dict], path: str | Path, title: str = "") -
     ax.set_ylim(0, 1.05)
     ax.set_title("Max-identifier: block-0 sorting head intact (1 = compiled)", fontsize=9)
     return _save(fig, path, title)
+
+
+def plot_label_histograms(results: list[dict], o_pt: str, o_ft: str, family: str, path: str | Path) -> Path:
+    """The label histograms of O_PT and O_FT per spurious rate (the paper's Fig. 16; ``spurious_statistics``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, op in zip(axes, (o_pt, o_ft)):
+        for r in results:
+            h = r[f"hist_{op}"]
+            ax.plot(range(len(h)), [x / r["n"] for x in h], marker="o", ms=3, label=f"c={r['c']:g}")
+        ax.set_title(f"{family}({op}) labels")
+        ax.set_xlabel("class label")
+    axes[0].set_ylabel("fraction")
+    axes[1].legend()
+    return _save(fig, path)

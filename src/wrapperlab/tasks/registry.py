@@ -21,13 +21,14 @@ A kind registers with :func:`register`; :data:`BUILTIN` lists the modules import
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel
+
+from wrapperlab.registry import Registry
 
 BUILTIN = ("wrapperlab.tasks.task", "wrapperlab.tasks.tracr_tasks", "wrapperlab.tasks.story_task")
 
@@ -81,29 +82,8 @@ class TaskKind:
     evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
 
 
-_KINDS: dict[str, TaskKind] = {}
-_loaded = False
-
-
-def register(kind: TaskKind) -> TaskKind:
-    _KINDS[kind.name] = kind
-    return kind
-
-
-def task_kinds() -> dict[str, TaskKind]:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN:
-            importlib.import_module(mod)
-    return dict(_KINDS)
-
-
-def get_task_kind(name: str) -> TaskKind:
-    kinds = task_kinds()
-    if name not in kinds:
-        raise ValueError(f"unknown task kind {name!r}; choose from {', '.join(kinds)}")
-    return kinds[name]
+KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN)
+register, task_kinds, get_task_kind = KINDS.register, KINDS.all, KINDS.get
 
 
 def build_task(config: BaseModel) -> Task:

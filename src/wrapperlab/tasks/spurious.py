@@ -90,3 +90,23 @@ SPURIOUS_FAMILIES = ("count", "index-of-occurrence")
 
 def relation_holds(r_ft: np.ndarray, r_pt: np.ndarray, q: int) -> np.ndarray:
     return (r_ft - r_pt) == q
+
+
+def spurious_statistics(task, family: str, cs, n: int, seed: int) -> list[dict]:
+    """Per spurious rate c: the realised share of edited samples and of samples satisfying the relation, the mean
+    number of edits, the strings redrawn, and the label histograms of O_PT and O_FT (the paper's Fig. 16)."""
+    cfg = task.config
+    results = []
+    for cv in cs:
+        rng = np.random.default_rng([seed, int(cv * 1000)])
+        res = {"c": cv, "n": n}
+        for op in (cfg.o_pt, cfg.o_ft):
+            b = task.sample(n, rng, family=family, operand=op, c=cv)
+            res[f"hist_{op}"] = np.bincount(b.value, minlength=1).tolist()
+            if op == cfg.o_ft:
+                res["edited_rate"] = float(b.spurious.mean())
+                res["relation_rate"] = float(relation_holds(b.value, b.value_pt, cfg.q).mean())
+                res["mean_edits"] = float(b.n_edits[b.spurious].mean()) if b.spurious.any() else 0.0
+                res["redrawn"] = int(b.rejected)
+        results.append(res)
+    return results

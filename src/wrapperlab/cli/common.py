@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -18,13 +17,12 @@ out = Console(width=None if sys.stdout.isatty() else 240)  # tables stay unwrapp
 
 
 class UserError(Exception):
-    pass
+    """What the user must fix: ``cli.main``, the one error handler, prints it as one line and exits 2."""
 
 
 def _fail(msg: str) -> None:
-    """Exit 2 with one line on stderr naming what is wrong."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-    raise typer.Exit(2)
+    """Stop the command: one line on stderr naming what is wrong, exit code 2 (printed by ``cli.main``)."""
+    raise UserError(" ".join(str(msg).split()))
 
 
 @contextmanager

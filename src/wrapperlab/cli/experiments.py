@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, note_interrupt, out, print_rows, stop_exit_code, stop_signal, user_errors
+from wrapperlab.cli.common import _fail, err, note_interrupt, out, print_rows, stop_exit_code, stop_signal, user_errors
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Browse a store: every run with its status, config and final metrics.")
@@ -230,7 +230,7 @@ def reproduce_cmd(
     with _interrupt_note(out_dir):
         res = execute_spec(spec, out_dir, workers, threads, executor, address, device, False, progress)
         if stories:
-            from wrapperlab.cli_common import err
+            from wrapperlab.cli.common import err
             from wrapperlab.experiments import stories_table as ST
 
             with user_errors():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, out, print_rows, user_errors
+from wrapperlab.cli.common import _fail, err, out, print_rows, user_errors
 
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Tell a wrapper from a deletion: probes, pruning, attention maps, revival by reverse "
@@ -235,8 +235,7 @@ def verdict_cmd(
     """wrapper / deletion / amplification / unchanged for a fine-tuned run, with every piece of evidence and
     the threshold it was held to. Reuses probe.json, prune.json and revival.json from --out when present and
     computes the missing ones with their default settings."""
-    from wrapperlab.analysis.common import Result
-    from wrapperlab.analysis.registry import Context, analyze, get_analysis
+    from wrapperlab.analysis.registry import Context, analyze, gather_inputs, get_analysis
     from wrapperlab.training.checkpoint import read_sidecar
 
     od = _out_dir(run, out_dir)
@@ -257,20 +256,8 @@ def verdict_cmd(
         side = read_sidecar(run)
         if side.get("stage") != "finetune":
             _fail(f"run: verdict needs a finetune run; {run} is a {side.get('stage')} run")
-        defaults = {"prune": {"ks": tuple(range(th.prune_k + 1))}}  # the sweep the threshold reads
-        inputs: dict[str, Result] = {}
-        for name in get_analysis("verdict").inputs:
-            path = od / f"{name}.json"
-            if path.is_file():
-                inputs[name] = Result.load(path)
-                log(f"{name}: reusing {path}")
-            elif name == "revival" and not revival:
-                continue
-            else:
-                log(f"{name}: computing (default settings) -> {path}")
-                res = analyze(name, run, settings=defaults.get(name), context=Context(out=od / name, log=log))
-                res.save(path)
-                inputs[name] = res
+        inputs = gather_inputs("verdict", run, od, skip=() if revival else ("revival",), log=log,
+                               defaults={"prune": {"ks": tuple(range(th.prune_k + 1))}})  # the sweep it reads
         res = analyze("verdict", run, settings=th, context=Context(inputs=inputs))
     files = [res.save(od / "verdict.json")]
     if not as_json:

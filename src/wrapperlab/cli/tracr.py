@@ -11,11 +11,11 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, err, print_rows, user_errors
+from wrapperlab.cli.common import _fail, err, print_rows, user_errors
 
 tracr_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        help="Tracr programs (paper App. B.1): compile RASP to wrapperlab models, check the port "
-                             "against tracr's own JAX model, fine-tune, and print the Table 3 analog.")
+                        help="Tracr programs (the paper's appendix B.1): compile RASP to wrapperlab models, check the "
+                             "port against tracr's own JAX model, fine-tune, and print the Table 3 analog.")
 
 
 def _program_names() -> str:
@@ -108,8 +108,8 @@ def finetune_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the final summary as one JSON object"),
     progress: bool = typer.Option(True, help="show a progress bar with ETA"),
 ) -> None:
-    """Fine-tune a compiled program (paper App. C.1): noise, SGD with momentum, warmup + cosine, c_train."""
-    from wrapperlab.cli_train import _train
+    """Fine-tune a compiled program (the paper's appendix C.1): noise, SGD with momentum, warmup + cosine, c_train."""
+    from wrapperlab.cli.train import _train
 
     if not preset.startswith("tracr-"):
         _fail(f"preset: use tracr-cpu or tracr-paper, got {preset!r}")

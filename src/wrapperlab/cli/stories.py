@@ -13,13 +13,13 @@ from pathlib import Path
 
 import typer
 
-from wrapperlab.cli_common import _fail, print_rows
+from wrapperlab.cli.common import _fail, print_rows
 
 stories_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                          help="TinyStories check (paper App. F): does fine-tuning delete a story feature (Twist) or "
-                               "only wrap it? `stories table` runs the whole protocol (pretrain, control, deletion "
-                               "by F / F+R / F+MM at two LRs, reFT, probes) and prints the Table 1 and Fig. 11a "
-                               "analogs beside the paper's; the other commands are its steps. docs/stories.md.")
+                          help="TinyStories check (the paper's appendix F): does fine-tuning delete a story feature "
+                               "(Twist) or only wrap it? `stories table` runs the whole protocol (pretrain, control, "
+                               "deletion by F / F+R / F+MM at two LRs, reFT, probes) and prints the Table 1 and Fig. "
+                               "11a analogs beside the paper's; the other commands are its steps. docs/stories.md.")
 
 
 @stories_app.command("generate")
@@ -126,7 +126,7 @@ def story_overrides(items: list[str]) -> list[str]:
 def _run_stage(stage: str, values: dict, overrides: list[str] | None, out_dir: Path, as_json: bool,
                progress: bool) -> None:
     """A story stage is an ordinary stage of the ``stories`` preset (a story task, llama2.c's model)."""
-    from wrapperlab.cli_common import err, user_errors
+    from wrapperlab.cli.common import err, user_errors
     from wrapperlab.training.config import build_config
     from wrapperlab.training.stage import Stage, resolve
 
@@ -221,13 +221,13 @@ def table_cmd(
     probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ) -> None:
-    """The whole protocol of App. F: pretrain (with Twist) and the not-in-pretraining control, delete Twist by F / F+R /
-    F+MM at η_M and η_S, reverse fine-tune every deleted model and the control on Twist stories, probe every block
-    for Twist; print the Table 1 analog (Twist rate at the reFT columns) and the Fig. 11a analog beside the
-    paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
+    """The whole protocol of the paper's appendix F: pretrain (with Twist) and the not-in-pretraining control, delete
+    Twist by F / F+R / F+MM at η_M and η_S, reverse fine-tune every deleted model and the control on Twist stories,
+    probe every block for Twist; print the Table 1 analog (Twist rate at the reFT columns) and the Fig. 11a analog
+    beside the paper. Finished runs are reused and an interrupted one resumes, so a rerun only prints the tables."""
     import dataclasses
 
-    from wrapperlab.cli_common import err, user_errors
+    from wrapperlab.cli.common import err, user_errors
     from wrapperlab.experiments import stories_table as ST
     from wrapperlab.training.config import ConfigError, parse_value
 

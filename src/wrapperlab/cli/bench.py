@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from wrapperlab.cli_common import _fail, err, out
+from wrapperlab.cli.common import _fail, err, out
 
 BENCHES = ("train", "sampling", "analysis", "reproduce")
 TARGETS = {"train": 1.5, "sampling": 10.0, "reproduce": 900.0}
