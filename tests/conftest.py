@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray 2.60 writes ~/.ray/auth_token at a local ray.init and then demands it from clusters started without one, so a
+# test that starts a local instance would break a later test that starts a cluster: the tests run Ray without tokens
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 # A tiny configuration that trains in seconds: every stage test and CLI test builds on it.
 TINY = ["task.window=32", "model.d_model=32", "model.n_layer=1", "model.n_head=2", "batch_size=8",
         "eval.n=40", "threads=1"]
