@@ -116,3 +116,19 @@ def test_lstm_runs_through_the_stages_and_the_analyses(tmp_path):
     assert {u["matrix"] for u in units} <= {"lstm.ih", "lstm.hh"} and units[0]["kind"] == "row"
     one_line_error(wl("analyze", "attention", str(ft)), "lstm has no attention pattern")
     one_line_error(wl("analyze", "prune", str(ft), "--matrices", "attn.qkv"), "lstm.ih, lstm.hh")
+
+
+def test_the_lstm_wrapper_example_spec_plans(tmp_path):
+    """examples/lstm-wrapper.yaml (the experiment docs/extending.md reports) stays a valid spec of LSTM runs."""
+    import json
+    from pathlib import Path
+
+    from conftest import wl
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "lstm-wrapper.yaml"
+    r = wl("run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    nodes = json.loads(r.stdout)["nodes"]
+    assert sum(n["kind"] == "run" for n in nodes) == 8 and {"verdict", "revival", "probe", "prune"} <= {
+        n["key"].split("-")[0] for n in nodes if n["kind"] == "analysis"}
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
