@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapperlab.training import checkpoint as ck
-from wrapperlab.training.config import SHORTCUTS, parse_value
+from wrapperlab.training.config import SHORTCUTS, ConfigError, parse_overrides_as_values
 
 DB_NAME = "store.sqlite"
 RUNS_DIR = "runs"
@@ -301,13 +301,11 @@ def _row(r: sqlite3.Row) -> dict:
 
 def parse_where(items: list[str]) -> dict[str, Any]:
     """``key=value`` filters from the command line (values read like overrides: 2e-4 is a number)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise StoreError(f"--where: expected key=value (e.g. stage=finetune, lr=0.0002), got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
-    return out
+    try:
+        return parse_overrides_as_values(items)
+    except ConfigError:
+        bad = next(i for i in items if "=" not in i or not i.partition("=")[0].strip())
+        raise StoreError(f"--where: expected key=value (e.g. stage=finetune, lr=0.0002), got {bad!r}") from None
 
 
 def is_store(path: str | Path) -> bool:
