@@ -152,6 +152,29 @@ def test_a_signal_stops_a_pool_run_cleanly_and_the_same_command_resumes(tmp_path
     assert ck.read_sidecar(run_dir)["step"] == steps and list(rows(store).values()) == ["done"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_workers_end_themselves_when_the_main_process_is_killed_outright(tmp_path):
+    """SIGKILL cannot be handled, so the main process cannot end its pool; its workers notice the lost parent and
+    stop (found when a killed `reproduce` left two workers training for an hour)."""
+    spec, store = pretrain_spec(tmp_path, 800, 40), tmp_path / "store"
+    args = [sys.executable, "-m", "wrapperlab.cli", "run", str(spec), "--out", str(store), "--workers", "2",
+            "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        _wait_for_training(proc, store)
+        assert _group_alive(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), _group_alive(proc.pid)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------- corrupt index
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_index_names_the_rebuild_command_which_rebuilds_it_from_the_run_directories(

@@ -45,14 +45,24 @@ class _WorkerStop(SystemExit):
 
 
 def _worker_init() -> None:
-    """Pool workers leave Ctrl-C to the main process (a terminal sends SIGINT to the whole process group) and stop
-    on its SIGTERM."""
+    """Pool workers leave Ctrl-C to the main process (a terminal sends SIGINT to the whole process group), stop on
+    its SIGTERM, and stop by themselves when it dies without sending one."""
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwind; the main process SIGKILLs after its grace
         raise _WorkerStop(128 + signum)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, on_term)
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # a main process killed outright (SIGKILL) cannot end its workers: they end
+        while True:             # themselves, through the same SIGTERM path, instead of training on as orphans
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch_parent, name="wrapperlab-parent-watch", daemon=True).start()
 
 
 def _execute_in_worker(payload: dict) -> dict:
