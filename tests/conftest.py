@@ -14,9 +14,11 @@ TINY = ["task.window=32", "model.d_model=32", "model.n_layer=1", "model.n_head=2
         "eval.n=40", "threads=1"]
 
 
-def wl(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the wrapperlab CLI the way a user does: a subprocess of the installed console entry point."""
-    env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200")
+def wl(*args: str, cwd: Path | None = None, timeout: float = 300,
+       env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the wrapperlab CLI the way a user does: a subprocess of the installed console entry point (``env``
+    adds environment variables)."""
+    env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200", **(env or {}))
     return subprocess.run([sys.executable, "-m", "wrapperlab.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
@@ -50,3 +52,13 @@ def counter(tmp_path_factory) -> Path:
            "operand=a", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     return out
+
+
+def need_module(name: str):
+    """The module, or skip the test when it is not installed; where CI installs it (WRAPPERLAB_REQUIRE_HF for the
+    hf extra), a missing module fails instead of skipping."""
+    import importlib
+
+    if os.environ.get("WRAPPERLAB_REQUIRE_HF") and name in ("transformers", "peft"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name)

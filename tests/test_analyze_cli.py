@@ -44,6 +44,8 @@ def test_probe_prune_attention_verdict_write_tables_and_figures(finetuned, tmp_p
     for x in res["rows"]:
         masses[(x["layer"], x["head"])] = masses.get((x["layer"], x["head"]), 0) + x["mass"]
     assert all(abs(m - 1) < 1e-4 for m in masses.values()) and len(masses) == 2  # each row of a softmax sums to 1
+    # the one example drawn is named with its family, operand and answer (the figure's title)
+    assert res["meta"]["family"] == "count" and res["meta"]["operand"] == "a" and res["meta"]["answer"].isdigit()
     page = (od / "attention.html").read_text()
     assert "<canvas" in page and "src=" not in page and "http" not in page  # self-contained, no CDN
     assert (od / "attention.png").stat().st_size > 0

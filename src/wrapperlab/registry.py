@@ -1,17 +1,25 @@
-"""A named registry whose built-in entries register themselves when their modules are first imported: the one
-mechanism behind the model families, the task kinds and the analyses."""
+"""A named registry whose entries register themselves when their modules are first imported: the one mechanism
+behind the model families, the task kinds and the analyses. Built-in entries are the modules listed in the
+package; other installed packages add theirs through an entry-point group (``wrapperlab.model_families``,
+``wrapperlab.task_kinds``, ``wrapperlab.analyses``) whose entries name modules to import."""
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+class PluginError(ImportError):
+    """An installed plugin named by an entry point failed to import (one line naming it and its error)."""
+
+
 class Registry(Generic[T]):
-    def __init__(self, what: str, builtin: tuple[str, ...], error: type[Exception] = ValueError):
-        self.what, self.builtin, self.error = what, builtin, error
+    def __init__(self, what: str, builtin: tuple[str, ...], error: type[Exception] = ValueError,
+                 group: str | None = None):
+        self.what, self.builtin, self.error, self.group = what, builtin, error, group
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -25,6 +33,13 @@ class Registry(Generic[T]):
             self._loaded = True
             for mod in self.builtin:
                 importlib.import_module(mod)
+            for ep in entry_points(group=self.group) if self.group else ():
+                try:
+                    importlib.import_module(ep.value.split(":")[0])
+                except Exception as e:
+                    self._loaded = False  # the same failure again next time, never a half-loaded registry
+                    raise PluginError(f"{self.what} plugin {ep.name!r} ({ep.value}, entry point group "
+                                     f"{self.group}) failed to import: {type(e).__name__}: {e}") from e
         return dict(self._items)
 
     def get(self, name: str) -> T:

@@ -84,8 +84,12 @@ def attention_inputs(task, s: AttentionSettings, family: str | None = None):
 
 
 def _attention_model(model, task, s: AttentionSettings, family: str | None = None) -> Result:
-    toks, _ = attention_inputs(task, s, family)
-    return attention(model, toks, vocab=task.vocab, query=task.readout, layers=list(s.layers) if s.layers else None)
+    toks, b = attention_inputs(task, s, family)
+    res = attention(model, toks, vocab=task.vocab, query=task.readout, layers=list(s.layers) if s.layers else None)
+    res.meta |= {"family": b.family[0], "operand": b.operand[0], "settings": s.to_dict()}
+    if not s.average:
+        res.meta["answer"] = task.output_names[int(b.answer[s.index])]
+    return res
 
 
 def _attention_run(run: Path, s: AttentionSettings, ctx: Context) -> Result:

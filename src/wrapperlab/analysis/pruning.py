@@ -68,11 +68,12 @@ class PruneSettings(Settings):
 
 @dataclass
 class Unit:
-    """One prunable unit: ``param`` is the weight's name, ``index`` the row (neuron) or (row, col) (weight);
+    """One prunable unit: ``param`` is the weight's name, ``index`` the row or column (an output unit) or
+    (row, col) (weight);
     ``bias`` the name of the bias entry pruned with it (neurons), if any."""
     block: int
     matrix: str
-    kind: str  # "row", "weight" or "bias"
+    kind: str  # "row" or "column" (an output unit), "weight" or "bias"
     index: tuple[int, ...]
     score: float
     param: str
@@ -107,32 +108,51 @@ def saliency(model, task: PCFGTask, *, family: str = "count", settings: PruneSet
     """The ``top`` highest-scoring candidate units (all if None), highest first — ties keep parameter order —
     and the number of candidates."""
     s = settings or PruneSettings()
+    return rank_units(model, lambda m: pretraining_loss(m, task, family, s.n_grad, s.seed), s.matrices, s.unit, top)
+
+
+def rank_units(model, loss_fn, matrices: tuple[str, ...] = (), unit: str = "neuron",
+               top: int | None = None) -> tuple[list[Unit], int]:
+    """grad·w saliency of ``loss_fn(model)`` (a scalar to minimise; or already backpropagated and returned detached)
+    over the candidate matrices: the ``top``
+    highest-scoring units (all if None), highest first — ties keep parameter order — and the number of candidates.
+    ``unit``: "neuron" (an output unit with its bias entry) or "weight" (every entry)."""
     was = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
-    pretraining_loss(model, task, family, s.n_grad, s.seed).backward()
-    model.train(was)
     params = dict(model.named_parameters())
+    wanted = [params[n] for m in _candidates(model, matrices) for n in (m.param, m.bias) if n is not None]
+    flags = [p.requires_grad for p in wanted]
+    for p in wanted:  # a model loaded frozen (a merged PEFT adapter, say) still needs the candidates' gradients
+        p.requires_grad_(True)
+    try:
+        loss = loss_fn(model)
+        if loss.requires_grad:  # a loss_fn may backpropagate itself, batch by batch, and return the value detached
+            loss.backward()
+    finally:
+        for p, f in zip(wanted, flags):
+            p.requires_grad_(f)
+        model.train(was)
     chunks: list[torch.Tensor] = []
     meta: list[tuple[str, int, str, str, str | None, tuple[int, ...]]] = []  # name, block, matrix, kind, bias, shape
     with torch.no_grad():
-        for m in _candidates(model, s.matrices):
+        for m in _candidates(model, matrices):
             p = params[m.param]
             gw = _grad_w(p)
-            if s.unit == "weight":  # every entry of the matrix, then of its bias (the parameter order)
+            if unit == "weight":  # every entry of the matrix, then of its bias (the parameter order)
                 chunks.append(gw.flatten())
                 meta.append((m.param, m.block, m.name, "weight", None, tuple(p.shape)))
                 if m.bias is not None:
                     chunks.append(_grad_w(params[m.bias]).flatten())
                     meta.append((m.bias, m.block, m.name, "bias", None, tuple(params[m.bias].shape)))
             else:
-                rows = gw.sum(1)
+                rows = gw.sum(1 - m.axis)
                 if m.bias is not None:
                     bp = params[m.bias]
                     if bp.grad is not None:
                         rows = rows + (bp.grad * bp).double()
                 chunks.append(rows)
-                meta.append((m.param, m.block, m.name, "row", m.bias, (p.shape[0],)))
+                meta.append((m.param, m.block, m.name, ("row", "column")[m.axis], m.bias, (p.shape[m.axis],)))
     model.zero_grad(set_to_none=True)
     scores = torch.cat(chunks)
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -155,8 +175,9 @@ def _grad_w(p: torch.Tensor) -> torch.Tensor:
 def zero_units(model, units: list[Unit]) -> None:
     params = dict(model.named_parameters())
     for u in units:
-        if u.kind == "row":
-            params[u.param][u.index[0]].zero_()
+        if u.kind in ("row", "column"):
+            w = params[u.param]
+            (w[u.index[0]] if u.kind == "row" else w[:, u.index[0]]).zero_()
             if u.bias:
                 params[u.bias][u.index[0]] = 0.0
         else:

@@ -66,7 +66,7 @@ class Analysis:
         return list(self.settings.model_fields) + list(self.run_settings)
 
 
-ANALYSES: Registry[Analysis] = Registry("analysis", BUILTIN, AnalysisError)
+ANALYSES: Registry[Analysis] = Registry("analysis", BUILTIN, AnalysisError, group="wrapperlab.analyses")
 register, analyses, get_analysis = ANALYSES.register, ANALYSES.all, ANALYSES.get
 
 

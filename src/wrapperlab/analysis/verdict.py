@@ -84,32 +84,9 @@ def revival_check(revival: Result, th: Thresholds) -> tuple[bool, dict] | None:
     return r_steps is not None and r_steps <= th.revival_ratio * b_steps, {"reft": re_, "baseline": base}
 
 
-def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None = None,
-            revival: Result | None = None, thresholds: Thresholds | None = None) -> Result:
-    """Combine the evidence for one fine-tuned run (``ft_side`` is its checkpoint sidecar)."""
-    th = thresholds or Thresholds()
-    if ft_side.get("stage") != "finetune":
-        raise AnalysisError(f"verdict needs a finetune run (got a {ft_side.get('stage')} run)")
-    cfg = ft_side["config"]
-    fam = cfg["eval"].get("family") or cfg["train"].get("family") or "count"
-    o_pt, o_ft = cfg["task"]["o_pt"], cfg["task"]["o_ft"]
-    m = ft_side["metrics"]
-    pt0, pt1 = metric_at(m, fam, o_pt, 0.0, 0), metric_at(m, fam, o_pt, 0.0)
-    ft0_pre, ft0 = metric_at(m, fam, o_ft, 0.0, 0), metric_at(m, fam, o_ft, 0.0)
-    ft1 = metric_at(m, fam, o_ft, 1.0)
-    if None in (pt0, pt1, ft0_pre, ft0):
-        raise AnalysisError(f"run lacks {fam}/{o_pt} and {fam}/{o_ft} evaluations at c_test=0 (step 0 and final)")
-    rows = []
-    drop = pt0 - pt1
-    lost = drop >= th.behaviour_drop
-    rows.append(_row("behaviour", f"PT acc {fam} {o_pt} c0: pretrained {pt0:.3f} -> fine-tuned {pt1:.3f}",
-                     round(drop, 4), f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost"))
-    gain = ft0 - ft0_pre
-    learned = gain >= th.ft_gain
-    extra = f"; c1 {ft1:.3f}" if ft1 is not None else ""
-    rows.append(_row("behaviour", f"FT acc {fam} {o_ft} c0: pretrained {ft0_pre:.3f} -> fine-tuned {ft0:.3f}{extra}",
-                     round(gain, 4), f"gain >= {th.ft_gain} means FT capability learned", learned,
-                     "FT capability learned"))
+def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds, probe: Result | None,
+              prune: Result | None, revival: Result | None) -> tuple[str, str]:
+    """Append the mechanistic evidence rows and decide: (label, why). ``learned`` None: no FT capability measured."""
     votes: list[bool] = []
     if probe is not None and (hit := probe_check(probe, th)) is not None:
         ok, f = hit
@@ -140,12 +117,57 @@ def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None 
     if not lost:
         label = "amplification" if learned else "unchanged"
         why = ("PT behaviour kept and the FT capability was learned" if learned
+               else "PT behaviour kept (no FT capability was measured)" if learned is None
                else "neither PT nor FT behaviour moved past its threshold")
     else:
         yes, no = sum(votes), len(votes) - sum(votes)
         label = "wrapper" if yes > no else "deletion" if no > yes else "undetermined"
         why = (f"PT behaviour lost; {yes} of {len(votes)} mechanistic checks say the capability is still there"
                if votes else "PT behaviour lost, but no mechanistic evidence was measured")
+    return label, why
+
+
+def decide(acc_base: float, acc_ft: float, th: Thresholds, *, probe: Result | None = None,
+           prune: Result | None = None, revival: Result | None = None, what: str = "capability") -> Result:
+    """The verdict on a (base, fine-tuned) pair measured on one capability: behaviour lost when its accuracy
+    drops by ``behaviour_drop``, then the same mechanistic rules as for a run. No FT capability is measured on a
+    pair, so a kept (or improved) capability is "unchanged", never "amplification"."""
+    drop = acc_base - acc_ft
+    lost = drop >= th.behaviour_drop
+    rows = [_row("behaviour", f"{what}: base {acc_base:.3f} -> fine-tuned {acc_ft:.3f}", round(drop, 4),
+                 f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost")]
+    label, why = _evidence(rows, lost, None, th, probe, prune, revival)
+    return Result("verdict", rows, {"verdict": label, "why": why, "thresholds": th.to_dict(),
+                                    "acc_base": acc_base, "acc_finetuned": acc_ft})
+
+
+def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None = None,
+            revival: Result | None = None, thresholds: Thresholds | None = None) -> Result:
+    """Combine the evidence for one fine-tuned run (``ft_side`` is its checkpoint sidecar)."""
+    th = thresholds or Thresholds()
+    if ft_side.get("stage") != "finetune":
+        raise AnalysisError(f"verdict needs a finetune run (got a {ft_side.get('stage')} run)")
+    cfg = ft_side["config"]
+    fam = cfg["eval"].get("family") or cfg["train"].get("family") or "count"
+    o_pt, o_ft = cfg["task"]["o_pt"], cfg["task"]["o_ft"]
+    m = ft_side["metrics"]
+    pt0, pt1 = metric_at(m, fam, o_pt, 0.0, 0), metric_at(m, fam, o_pt, 0.0)
+    ft0_pre, ft0 = metric_at(m, fam, o_ft, 0.0, 0), metric_at(m, fam, o_ft, 0.0)
+    ft1 = metric_at(m, fam, o_ft, 1.0)
+    if None in (pt0, pt1, ft0_pre, ft0):
+        raise AnalysisError(f"run lacks {fam}/{o_pt} and {fam}/{o_ft} evaluations at c_test=0 (step 0 and final)")
+    rows = []
+    drop = pt0 - pt1
+    lost = drop >= th.behaviour_drop
+    rows.append(_row("behaviour", f"PT acc {fam} {o_pt} c0: pretrained {pt0:.3f} -> fine-tuned {pt1:.3f}",
+                     round(drop, 4), f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost"))
+    gain = ft0 - ft0_pre
+    learned = gain >= th.ft_gain
+    extra = f"; c1 {ft1:.3f}" if ft1 is not None else ""
+    rows.append(_row("behaviour", f"FT acc {fam} {o_ft} c0: pretrained {ft0_pre:.3f} -> fine-tuned {ft0:.3f}{extra}",
+                     round(gain, 4), f"gain >= {th.ft_gain} means FT capability learned", learned,
+                     "FT capability learned"))
+    label, why = _evidence(rows, lost, learned, th, probe, prune, revival)
     meta = {"verdict": label, "why": why, "thresholds": th.to_dict(), "family": fam, "o_pt": o_pt, "o_ft": o_ft,
             "c_train": cfg["train"]["c_train"], "lr": cfg["train"]["lr"]}
     return Result("verdict", rows, meta)

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from wrapperlab.cli import analyze, bench, data, experiments, stories, tracr, train
+from wrapperlab.cli import analyze, bench, data, experiments, export, stories, tracr, train
 from wrapperlab.cli.common import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -23,6 +23,7 @@ app.add_typer(tracr.tracr_app, name="tracr")
 app.add_typer(stories.stories_app, name="stories")
 experiments.register(app)
 bench.register(app)
+export.register(app)
 
 
 def main() -> None:
@@ -31,11 +32,12 @@ def main() -> None:
     import signal
 
     from wrapperlab.cli.common import install_stop_handlers, note_interrupt, stop_exit_code, stop_signal
+    from wrapperlab.registry import PluginError
 
     install_stop_handlers()
     try:
         app()
-    except UserError as e:  # the one error path: _fail and user_errors() raise it, anywhere in a command
+    except (UserError, PluginError) as e:  # the one error path: _fail and user_errors() raise UserError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # raised outside the command (typer turns one inside it into exit 130)

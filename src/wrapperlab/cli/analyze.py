@@ -16,6 +16,13 @@ analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                                "fine-tuning, and a verdict combining them (paper App. D).")
 
 RUN_ARG = typer.Argument(..., help="run directory (a finished wrapperlab run)", show_default=False)
+PAIR_RUN = typer.Argument(None, help="run directory (or give --finetuned and --capability instead)",
+                          show_default=False)
+BASE_OPT = typer.Option(None, "--base", help="base model: a run, a local Hugging Face directory or BASE+ADAPTER")
+FT_OPT = typer.Option(None, "--finetuned", help="fine-tuned model: a run, an HF directory or BASE+ADAPTER")
+CAP_OPT = typer.Option(None, "--capability", help="JSONL of {prompt, answer, label?} records (docs/huggingface.md)")
+CONTROL_OPT = typer.Option(None, "--control", help="probe control model (default: a random-init model of the "
+                                                   "fine-tuned one's architecture)")
 OUT_OPT = typer.Option(None, "--out", help="where the table and figures go (default RUN/analysis)")
 JSON_OPT = typer.Option(False, "--json", help="print the result as one JSON object")
 
@@ -51,14 +58,18 @@ def _emit(result, as_json: bool, files: list[Path]) -> None:
 
 @analyze_app.command("probe")
 def probe_cmd(
-    run: Path = RUN_ARG,
+    run: Path | None = PAIR_RUN,
     out_dir: Path | None = OUT_OPT,
+    base: Path | None = BASE_OPT,
+    finetuned: Path | None = FT_OPT,
+    capability: Path | None = CAP_OPT,
+    control: Path | None = CONTROL_OPT,
     family: str | None = typer.Option(None, help="task family probed (default: the run's)"),
     n_train: int | None = typer.Option(None, help="probe training samples (cpu preset 4000, paper 20000)"),
     n_test: int | None = typer.Option(None, help="held-out samples (cpu 1000, paper 2000)"),
     iters: int | None = typer.Option(None, help="AdamW iterations, LR x0.1 at 50/75/87.5 % (cpu 1500, paper 4000)"),
     controls: bool = typer.Option(True, help="also probe the pretrained ancestor and a random-init model"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     threads: int | None = typer.Option(None, help="torch threads"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -67,8 +78,23 @@ def probe_cmd(
     from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_probe
 
-    od = _out_dir(run, out_dir)
     _threads(threads)
+    if _pair_mode(run, finetuned, capability, base, needs_base=True):
+        from wrapperlab.analysis.capability import PairSettings, probe_pair
+        from wrapperlab.models.registry import random_like
+
+        _not_in_pair_mode(n_train=n_train, n_test=n_test, family=family, no_controls=not controls)
+        with user_errors():
+            b, f, ctl, cap = _open_pair(base, finetuned, capability, control)
+            s = PairSettings(seed=seed, **({"probe_iters": iters} if iters else {}))
+            ctl = ctl if ctl is not None else random_like(f.model, seed)
+            res = probe_pair([("finetune", f.model), ("pretrained", b.model), ("random-init", ctl)], cap, s)
+        _emit_pair(res, out_dir, as_json, lambda: print_rows(
+            res.tables["summary"], {"model": "model", "target": "target", "best_layer": "best layer", "acc":
+                                    "probe acc %", "majority": "majority %"}, f"probes of {finetuned}"),
+            lambda od: [plot_probe(res.rows, od / "probe.png", f"probes: {finetuned}")])
+        return
+    od = _out_dir(run, out_dir)
     given = {"n_train": n_train, "n_test": n_test, "iters": iters, "seed": seed, "family": family,
              "controls": controls}
     with user_errors():
@@ -89,10 +115,17 @@ def probe_cmd(
     _emit(res, as_json, files)
 
 
+def _print_units(units: list[dict]) -> None:
+    print_rows(units, {"rank": "rank", "block": "block", "matrix": "matrix", "kind": "kind", "index": "index",
+                       "score": "grad·w"}, "pruned units, in order")
+
+
 @analyze_app.command("prune")
 def prune_cmd(
-    run: Path = RUN_ARG,
+    run: Path | None = PAIR_RUN,
     out_dir: Path | None = OUT_OPT,
+    finetuned: Path | None = FT_OPT,
+    capability: Path | None = CAP_OPT,
     k_max: int = typer.Option(15, help="sweep K = 0..k_max (paper: 15, or 100)"),
     ks: str | None = typer.Option(None, help="explicit comma-separated K values instead of 0..k_max"),
     unit: str = typer.Option("neuron", help="neuron (a row of a weight matrix, with its bias) or weight"),
@@ -101,7 +134,7 @@ def prune_cmd(
                                           "lstm lstm.ih,lstm.hh)"),
     n_grad: int = typer.Option(1024, help="samples for the pruning gradient"),
     n_eval: int = typer.Option(500, help="samples per evaluation set"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     threads: int | None = typer.Option(None, help="torch threads"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -110,14 +143,30 @@ def prune_cmd(
     from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_prune
 
-    od = _out_dir(run, out_dir)
     if k_max < 0:
         _fail(f"k_max: must be >= 0, got {k_max}")
     _threads(threads)
+    mats = tuple(m.strip() for m in matrices.split(",") if m.strip())
+    if _pair_mode(run, finetuned, capability, None, needs_base=False):
+        from wrapperlab.analysis.capability import PairSettings, prune_pair
+
+        _not_in_pair_mode(unit=unit != "neuron", n_grad=n_grad != 1024, n_eval=n_eval != 500)
+        with user_errors():
+            _, f, _, cap = _open_pair(None, finetuned, capability, None)
+            res = prune_pair(f.model, cap, PairSettings(ks=tuple(_ints(ks, "ks") or range(k_max + 1)),
+                                                        matrices=mats, seed=seed))
+
+        def table() -> None:
+            print_rows([{"k": r["k"], "acc": f"{100 * r['acc']:.1f}", "majority": f"{100 * r['majority']:.1f}"}
+                        for r in res.rows], {"k": "K", "acc": "capability acc %", "majority": "majority %"},
+                       f"behaviour after pruning the top-K units of {finetuned}")
+            _print_units(res.tables["units"][:max(r["k"] for r in res.rows)])
+        _emit_pair(res, out_dir, as_json, table)
+        return
+    od = _out_dir(run, out_dir)
     with user_errors():
-        res = analyze("prune", run, ks=tuple(_ints(ks, "ks") or range(k_max + 1)), unit=unit,
-                      matrices=tuple(m.strip() for m in matrices.split(",") if m.strip()), n_grad=n_grad,
-                      n_eval=n_eval, seed=seed)
+        res = analyze("prune", run, ks=tuple(_ints(ks, "ks") or range(k_max + 1)), unit=unit, matrices=mats,
+                      n_grad=n_grad, n_eval=n_eval, seed=seed)
     s = res.meta["settings"]
     files = [res.save(od / "prune.json"),
              plot_prune(res.rows, res.tables["histogram"], od / "prune.png", f"pruning ({unit}s): {run}")]
@@ -128,9 +177,7 @@ def prune_cmd(
                 f"{100 * r['acc']:.1f}"
         cols = {"k": "K", **{k: k for k in next(iter(wide.values())) if k != "k"}}
         print_rows(list(wide.values()), cols, f"accuracy % after pruning the top-K {unit}s of {run}")
-        print_rows(res.tables["units"][:max(s["ks"])], {"rank": "rank", "block": "block", "matrix": "matrix",
-                                                     "kind": "kind", "index": "index", "score": "grad·w"},
-                   "pruned units, in order")
+        _print_units(res.tables["units"][:max(s["ks"])])
     _emit(res, as_json, files)
 
 
@@ -159,8 +206,9 @@ def attention_cmd(
         lays = _ints(layers, "layers")
         res = analyze("attention", run, family=family, operand=operand, c_test=c_test, average=average, index=index,
                       layers=tuple(lays) if lays else None, seed=seed)
-    what = f"mean of {average} samples" if average else f"sample {index}: {family or 'the run family'} " \
-                                                         f"{operand or 'O_PT'}"
+    m = res.meta
+    what = (f"mean of {average} samples" if average
+            else f"sample {index}: {m['family']} {m['operand']}, answer {m['answer']}")
     pat = res.arrays["pattern"]
     files = [res.save(od / "attention.json"),
              plot_attention(pat, res.meta["labels"], res.meta["layers"], od / "attention.png", f"{run} — {what}"),
@@ -224,8 +272,12 @@ def revival_cmd(
 
 @analyze_app.command("verdict")
 def verdict_cmd(
-    run: Path = RUN_ARG,
+    run: Path | None = PAIR_RUN,
     out_dir: Path | None = OUT_OPT,
+    base: Path | None = BASE_OPT,
+    finetuned: Path | None = FT_OPT,
+    capability: Path | None = CAP_OPT,
+    control: Path | None = CONTROL_OPT,
     threshold: list[str] | None = typer.Option(None, "--set", help="threshold=value, e.g. --set prune_gain=0.4 "
                                                                    "(see the table for names and defaults)"),
     revival: bool = typer.Option(True, help="include revival (trains reFT and baselines if not done yet)"),
@@ -234,11 +286,14 @@ def verdict_cmd(
 ) -> None:
     """wrapper / deletion / amplification / unchanged for a fine-tuned run, with every piece of evidence and
     the threshold it was held to. Reuses probe.json, prune.json and revival.json from --out when present and
-    computes the missing ones with their default settings."""
+    computes the missing ones with their default settings.
+
+    On any pair of models (--base, --finetuned: wrapperlab runs or local Hugging Face directories) the capability
+    is a JSONL file: behaviour on both, probes on both and on a control, grad·w pruning of the fine-tuned model,
+    then the same rules. Relearning is not measured on a pair yet (the verdict says so)."""
     from wrapperlab.analysis.registry import Context, analyze, gather_inputs, get_analysis
     from wrapperlab.training.checkpoint import read_sidecar
 
-    od = _out_dir(run, out_dir)
     values: dict = {}
     for item in threshold or []:
         key, sep, val = item.partition("=")
@@ -251,6 +306,10 @@ def verdict_cmd(
     def log(m: str) -> None:
         err.print(m, highlight=False, markup=False)
 
+    if _pair_mode(run, finetuned, capability, base, needs_base=True):
+        _pair_verdict(base, finetuned, capability, control, out_dir, values, as_json, log)
+        return
+    od = _out_dir(run, out_dir)
     with user_errors():
         th = get_analysis("verdict").make_settings(values)
         side = read_sidecar(run)
@@ -265,3 +324,80 @@ def verdict_cmd(
                               "passed": "passed", "supports": "if passed"}, f"evidence for {run}")
         out.print(f"verdict: {res.meta['verdict'].upper()} — {res.meta['why']}", highlight=False)
     _emit(res, as_json, files)
+
+
+def _pair_mode(run: Path | None, finetuned: Path | None, capability: Path | None, base: Path | None,
+               needs_base: bool) -> bool:
+    """True for the pair form (--finetuned, --capability[, --base]); one line when the two forms are mixed."""
+    given = [finetuned, capability] + ([base] if needs_base else [])
+    if run is None and all(x is not None for x in given):
+        return True
+    if run is not None and finetuned is None and capability is None and base is None:
+        return False
+    what = "--base, --finetuned and --capability" if needs_base else "--finetuned and --capability"
+    _fail(f"give a RUN, or {what} (all of them)")
+    return False
+
+
+def _open_pair(base: Path | None, finetuned: Path, capability: Path, control: Path | None):
+    """(base subject or None, fine-tuned subject, control model, capability), all checked to fit together."""
+    from wrapperlab.analysis.capability import Capability, check_pair, open_subject, read_records
+
+    records = read_records(capability)
+    f = open_subject(finetuned)
+    b = open_subject(base) if base is not None else None
+    if b is not None:
+        check_pair(b, f)
+    ctl = None
+    if control is not None:
+        c = open_subject(control)
+        check_pair(f, c)
+        ctl = c.model
+    return b, f, ctl, Capability.build(records, f.tokenizer, f.vocab_size, f.seq_len, str(capability))
+
+
+def _not_in_pair_mode(**given) -> None:
+    """One line naming the run-only options given together with the pair form."""
+    bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
+    if bad:
+        _fail(f"{', '.join(bad)}: not used with --finetuned/--capability (the records and their 75/25 split are the "
+              f"data)")
+
+
+def _pair_verdict(base: Path, finetuned: Path, capability: Path, control: Path | None, out_dir: Path | None,
+                  values: dict, as_json: bool, log) -> None:
+    from wrapperlab.analysis.capability import verdict_pair
+    from wrapperlab.analysis.registry import get_analysis
+
+    with user_errors():
+        th = get_analysis("verdict").make_settings(values)
+        b, f, ctl, cap = _open_pair(base, finetuned, capability, control)
+        res, evidence = verdict_pair(b.model, f.model, cap, control=ctl, thresholds=th, log=log)
+    res.meta |= {"base": str(base), "finetuned": str(finetuned),
+                 "revival": "not measured (relearning of a model pair is not available yet)"}
+    files = []
+    if out_dir is not None:
+        files = [evidence["probe"].save(out_dir / "probe.json"), evidence["prune"].save(out_dir / "prune.json"),
+                 res.save(out_dir / "verdict.json")]
+    if as_json:
+        print(json.dumps({**res.to_dict(), "evidence": {k: v.to_dict() for k, v in evidence.items()},
+                          "files": [str(x) for x in files]}))
+        return
+    print_rows(res.rows, {"evidence": "evidence", "measured": "measured", "threshold": "threshold",
+                          "passed": "passed", "supports": "if passed"}, f"evidence for {finetuned} against {base}")
+    out.print(f"verdict: {res.meta['verdict'].upper()} — {res.meta['why']}; revival not measured", highlight=False)
+    if files:
+        out.print("written: " + ", ".join(str(x) for x in files), highlight=False)
+
+
+def _emit_pair(res, out_dir: Path | None, as_json: bool, table, figures=lambda od: []) -> None:
+    """Print a pair-form result (a table, or --json); write it (and its figures) only when --out is given."""
+    files = []
+    if out_dir is not None:
+        files = [res.save(out_dir / f"{res.tool}.json"), *figures(out_dir)]
+    if as_json:
+        print(json.dumps({**res.to_dict(), "files": [str(f) for f in files]}))
+        return
+    table()
+    if files:
+        out.print("written: " + ", ".join(str(f) for f in files), highlight=False)

@@ -32,8 +32,13 @@ def data_sample(
     seed: int = typer.Option(0),
     preset: str = typer.Option("paper", help="paper (window 250) or cpu (window 64)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    capability_jsonl: Path | None = typer.Option(None, "--capability-jsonl", help="write the samples as a "
+                                                 "capability file instead ({prompt, answer, label} per line: the "
+                                                 "model input up to the answer, space-separated tokens)"),
 ) -> None:
-    """Print samples: the model input, the answer, and whether the spurious edit was applied."""
+    """Print samples: the model input, the answer, and whether the spurious edit was applied. With
+    --capability-jsonl, write them as a capability file for `analyze verdict --capability` (use the preset and
+    task overrides of the runs it will judge)."""
     import numpy as np
 
     from wrapperlab.tasks.families import get_family
@@ -48,6 +53,22 @@ def data_sample(
         b = task.sample(n, np.random.default_rng(seed), family=family, operand=operand, c=c_test, keep_source=True)
     except (ConfigError, ValueError) as e:
         _fail(str(e))
+    if capability_jsonl is not None:
+        from wrapperlab.fileio import atomic_write_text
+
+        if capability_jsonl.is_dir() or not capability_jsonl.parent.is_dir():
+            _fail(f"--capability-jsonl: {capability_jsonl} is a directory or its folder does not exist; give a file "
+                  f"path in an existing folder")
+
+        prompts = task.answer_inputs(b.tokens)
+        lines = []
+        for i in range(n):
+            ans = task.vocab.tokens[b.answer[i]]
+            lines.append(json.dumps({"prompt": " ".join(task.vocab.decode(prompts[i])), "answer": ans,
+                                     "label": ans}))
+        atomic_write_text(capability_jsonl, "\n".join(lines) + "\n")
+        out.print(f"wrote {n} records to {capability_jsonl}", highlight=False)
+        return
     terms = task.sampler.grammar.terminals
     for i in range(n):
         toks = task.vocab.decode(b.tokens[i])

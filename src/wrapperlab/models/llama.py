@@ -346,10 +346,61 @@ def _components(model: LlamaTransformer) -> Components:
                       row_matrices(model, {m: m for m in LLAMA_MATRICES}), LLAMA_MATRICES)
 
 
+def _rope_half(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection reordered from our interleaved RoPE pairs (2i, 2i+1) to Hugging Face's halves
+    (i, i + head_dim/2) within each head; q·k is unchanged because q and k are permuted alike."""
+    rows, d = w.shape
+    return w.view(heads, rows // heads // 2, 2, d).transpose(1, 2).reshape(rows, d).contiguous()
+
+
+def to_hf_llama(model: LlamaTransformer) -> tuple[dict, dict]:
+    """The model as a Hugging Face Llama checkpoint (``LlamaForCausalLM``, tied head): q and k rows reordered for
+    HF's half-split rotary form (:func:`_rope_half`); w1, w3, w2 are gate, up and down projections."""
+    c = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["ln_final.norm.weight"]}
+    for i in range(c.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        out |= {h + "self_attn.q_proj.weight": _rope_half(sd[b + "attn.wq.weight"], c.n_head),
+                h + "self_attn.k_proj.weight": _rope_half(sd[b + "attn.wk.weight"], c.kv_heads),
+                h + "self_attn.v_proj.weight": sd[b + "attn.wv.weight"],
+                h + "self_attn.o_proj.weight": sd[b + "attn.wo.weight"],
+                h + "mlp.gate_proj.weight": sd[b + "mlp.w1.weight"], h + "mlp.up_proj.weight": sd[b + "mlp.w3.weight"],
+                h + "mlp.down_proj.weight": sd[b + "mlp.w2.weight"],
+                h + "input_layernorm.weight": sd[b + "ln1.weight"],
+                h + "post_attention_layernorm.weight": sd[b + "ln2.weight"]}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
+              "hidden_size": c.d_model, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.n_layer,
+              "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+              "max_position_embeddings": c.seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+              "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True}
+    return config, out
+
+
+LLAMA_HF_NAMES = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+                  "attn.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
+                  "mlp.w2": "mlp.down_proj"}
+
+
+def lora_to_hf_llama(model: LlamaTransformer, factors: dict) -> tuple[dict, bool]:
+    """LoRA factors on the HF Llama names; the output rows of q and k (the rows of B) take the same RoPE
+    permutation as the weights (:func:`_rope_half`)."""
+    c, out = model.cfg, {}
+    for path, (a, b) in factors.items():
+        _, i, *rest = path.split(".")
+        name = ".".join(rest)
+        if name in ("attn.wq", "attn.wk"):
+            b = _rope_half(b, c.n_head if name == "attn.wq" else c.kv_heads)
+        out[f"model.layers.{i}.{LLAMA_HF_NAMES[name]}"] = (a, b)
+    return out, False
+
+
 FAMILY = register(ModelFamily(
     "llama", LlamaConfig,
     lambda cfg, vocab, seq: LlamaTransformer(cfg.model_copy(update={"vocab_size": vocab, "seq_len": seq})),
-    _components, "llama2.c decoder: RoPE, RMSNorm, SwiGLU, tied head", default_for_tasks=("story",)))
+    _components, "llama2.c decoder: RoPE, RMSNorm, SwiGLU, tied head", default_for_tasks=("story",),
+    to_hf=to_hf_llama, lora_to_hf=lora_to_hf_llama))
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -7,7 +7,8 @@ names, with TransformerLens hook names, what analyses may ask for:
 - ``residual``: the residual stream at the input of the first block and after every block, as (label, hook name)
   pairs ``B0 … B{L}`` (the probes read these);
 - ``attention``: one ``hook_pattern`` per layer, or None when the family has no attention;
-- ``matrices``: the prunable matrices, whose units are rows (one output unit of a linear map, with its bias entry);
+- ``matrices``: the prunable matrices, whose units are output units of a linear map (rows, or columns of a
+  Conv1D), with their bias entries;
 - ``causal``: whether position t only sees positions ≤ t (lets analyses truncate inputs after the readout).
 
 An analysis asks for a component with :func:`require`; a model without it fails with one line ("lstm has no
@@ -29,6 +30,7 @@ BUILTIN = (
     "wrapperlab.models.llama",
     "wrapperlab.models.tracr",
     "wrapperlab.models.lstm",
+    "wrapperlab.models.hf",
 )
 
 
@@ -38,13 +40,16 @@ class ComponentError(ValueError):
 
 @dataclass(frozen=True)
 class Matrix:
-    """A prunable matrix: ``param`` is the weight's parameter name; its units are rows (``param[i]`` together with
-    ``bias[i]`` when ``bias`` names a bias). ``name`` is the short name users select (``attn.qkv``, ``lstm.ih``)."""
+    """A prunable matrix: ``param`` is the weight's parameter name; its units are output units, the rows of a
+    ``(out, in)`` weight (``axis=0``) or the columns of an ``(in, out)`` one (``axis=1``, as GPT-2's Conv1D), each
+    together with ``bias[i]`` when ``bias`` names a bias. ``name`` is the short name users select (``attn.qkv``,
+    ``lstm.ih``, ``mlp.c_fc``)."""
 
     param: str
     block: int
     name: str
     bias: str | None = None
+    axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,17 @@ class ModelFamily:
     shape_from_task: Callable[[object], BaseModel] | None = None
     # a family that brings its own trained weights: (task config, seed) -> the model a parentless fine-tune starts from
     pretrained: Callable[[object, int], object] | None = None
+    # a family with a Hugging Face equivalent: model -> (config.json dict, state dict in the HF parameter names),
+    # weights as they are (no folding); None = not exportable
+    to_hf: Callable[[object], tuple[dict, dict]] | None = None
+    # LoRA factors {module path: (A, B)} in our names -> ({HF module path: (A, B)}, fan_in_fan_out) for the same
+    # checkpoint as ``to_hf`` writes (a PEFT adapter loads on top of it)
+    lora_to_hf: Callable[[object, dict], tuple[dict, bool]] | None = None
+    # a fresh randomly initialised model of the same architecture (default: ``build`` on the model's config)
+    fresh: Callable[[object], object] | None = None
 
 
-FAMILIES: Registry[ModelFamily] = Registry("model family", BUILTIN)
+FAMILIES: Registry[ModelFamily] = Registry("model family", BUILTIN, group="wrapperlab.model_families")
 register, families, get_family = FAMILIES.register, FAMILIES.all, FAMILIES.get
 
 
@@ -91,6 +104,20 @@ def family_of(model) -> ModelFamily:
     if name is None:
         raise ComponentError(f"{type(model).__name__} is not a registered wrapperlab model family")
     return get_family(name)
+
+
+def random_like(model, seed: int = 0):
+    """A randomly initialised model of ``model``'s architecture (the probes' control), in eval mode on its device."""
+    import torch
+
+    fam = family_of(model)
+    torch.manual_seed(seed)
+    if fam.fresh is not None:
+        new = fam.fresh(model)
+    else:
+        cfg = model.cfg
+        new = fam.build(cfg, cfg.vocab_size, cfg.seq_len)
+    return new.to(next(model.parameters()).device).eval()
 
 
 def components(model) -> Components:

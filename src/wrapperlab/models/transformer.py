@@ -307,7 +307,58 @@ def gpt_components(model: Transformer) -> Components:
                       row_matrices(model, {m: m for m in GPT_MATRICES}), GPT_MATRICES)
 
 
+def to_gpt2(model: Transformer) -> tuple[dict, dict]:
+    """The model as a Hugging Face GPT-2 checkpoint (``GPT2LMHeadModel``): exact GELU (``"gelu"``, not GPT-2's
+    tanh form), untied head, LayerNorm eps 1e-5; GPT-2's ``Conv1D`` stores (in, out), so every linear weight is
+    transposed. Options GPT-2 cannot express (no norm, ReLU, bidirectional, another head size or scale, an output
+    space other than the vocabulary) raise ``ValueError``."""
+    c = model.cfg
+    odd = [f"{k}={getattr(c, k)}" for k, ok in (
+        ("norm", c.norm == "layernorm"), ("act", c.act == "gelu"), ("causal", c.causal),
+        ("d_head", c.d_head in (None, c.d_model // c.n_head) and c.d_model % c.n_head == 0),
+        ("attn_scale", c.attn_scale is None or abs(c.attn_scale * math.sqrt(c.head_dim) - 1) < 1e-12),
+        ("d_vocab_out", c.d_vocab_out in (None, c.vocab_size))) if not ok]
+    if odd:
+        raise ValueError(f"this gpt model has no GPT-2 equivalent ({', '.join(odd)})")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def bias(name: str, n: int) -> torch.Tensor:
+        return sd.get(name, torch.zeros(n, dtype=sd["tok_emb.weight"].dtype))
+
+    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["ln_final.norm.weight"], "transformer.ln_f.bias": sd["ln_final.norm.bias"],
+           "lm_head.weight": sd["head.weight"]}
+    for i in range(c.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                             ("mlp.proj", "mlp.c_proj")):
+            w = sd[b + ours + ".weight"]
+            out[h + theirs + ".weight"] = w.t().contiguous()
+            out[h + theirs + ".bias"] = bias(b + ours + ".bias", w.shape[0])
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+              "n_positions": c.seq_len, "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head,
+              "n_inner": c.mlp_dim, "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+              "tie_word_embeddings": False}
+    return config, out
+
+
+GPT2_NAMES = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+
+
+def lora_to_gpt2(model: Transformer, factors: dict) -> tuple[dict, bool]:
+    """LoRA factors on the GPT-2 names; Conv1D stores (in, out), so PEFT applies them with fan_in_fan_out."""
+    out = {}
+    for path, ab in factors.items():
+        _, i, *rest = path.split(".")
+        out[f"transformer.h.{i}.{GPT2_NAMES['.'.join(rest)]}"] = ab
+    return out, True
+
+
 FAMILY = register(ModelFamily(
     "gpt", ModelConfig,
     lambda cfg, vocab, seq: Transformer(cfg.model_copy(update={"vocab_size": vocab, "seq_len": seq})),
-    gpt_components, "minGPT-style decoder: learned positions, pre-LayerNorm, GELU MLP, untied head"))
+    gpt_components, "minGPT-style decoder: learned positions, pre-LayerNorm, GELU MLP, untied head",
+    to_hf=to_gpt2, lora_to_hf=lora_to_gpt2))

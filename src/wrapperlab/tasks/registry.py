@@ -82,7 +82,7 @@ class TaskKind:
     evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
 
 
-KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN)
+KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN, group="wrapperlab.task_kinds")
 register, task_kinds, get_task_kind = KINDS.register, KINDS.all, KINDS.get
 
 

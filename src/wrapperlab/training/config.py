@@ -58,6 +58,12 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 = bf16 autocast for the training step's forward and backward (weights, "
                             "optimizer and evaluation stay fp32); see docs/speed.md")
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: every weight trains; lora: low-rank adapters on lora_targets, the rest frozen")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (ΔW = alpha/r · B A); default r")
+    lora_targets: tuple[str, ...] = Field((), description="matrices adapted by LoRA, by the family's matrix names "
+                                                          "(attn.qkv, mlp.fc, attn.wq ...); () = its default set")
     # family and operand are checked against the task in RunConfig (PCFG and Tracr tasks differ)
 
     @property
@@ -155,6 +161,9 @@ class RunConfig(BaseModel):
         if bad:
             raise ValueError(f"eval.at: steps must be in 1..train.steps={self.train.steps} (got {bad[0]})")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
+        if self.train.method == "lora" and self.stage in ("pretrain", "scratch"):
+            raise ValueError(f"train.method: lora adapts a trained model; a {self.stage} run trains from scratch "
+                             f"(use it on finetune, reft or scratch+ft)")
         return self
 
     # identity: everything that changes the result (not device/threads, and not where the parent lives: the
@@ -173,6 +182,9 @@ class RunConfig(BaseModel):
             d["task"].pop("kind")
         if d["train"].get("precision") == "fp32":
             d["train"].pop("precision")
+        if d["train"]["method"] == "full":
+            for k in ("method", "lora_rank", "lora_alpha", "lora_targets"):
+                d["train"].pop(k)
         if d["model"].get("d_vocab_out") is None:
             d["model"].pop("d_vocab_out", None)
         if d["model"]["family"] == default_family(self.task.kind):

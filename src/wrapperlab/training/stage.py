@@ -92,6 +92,16 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             task_cfg = validate({**raw, "model": {}}).task
             raw["model"] = fam.shape_from_task(task_cfg).model_dump(mode="json")
         cfg = validate(raw)
+    if cfg.train.method == "lora":  # the targets must be linear maps of this family: checked on a weightless model
+        from wrapperlab.training.lora import LoRAError, targets_of
+
+        with torch.device("meta"):  # the vocabulary size does not change the names checked
+            meta = get_family(cfg.model.family).build(cfg.model, max(1, getattr(cfg.model, "vocab_size", 0)),
+                                                      make_task(cfg).seq_len)
+        try:
+            targets_of(meta, cfg.train.lora_targets)
+        except LoRAError as e:
+            raise ConfigError(str(e)) from None
     # the (family, operand) each single-task stage trains on, when not given (a task without families has none)
     if cfg.stage != "pretrain" and cfg.train.family is None:
         cfg.train.family = get_task_kind(cfg.task.kind).default_family(cfg.task)
@@ -110,6 +120,7 @@ def build_model(cfg: RunConfig, task: Task) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s parameters (a LoRA run passes its adapters)."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
@@ -140,6 +151,7 @@ class Stage:
         self.run_id = cfg.run_id(self.parent_id)
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, self.parent_id)
         self.task = make_task(cfg)
+        self.lora = None  # the adapters of a train.method=lora run, once attached
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
@@ -152,14 +164,31 @@ class Stage:
             _, tensors = ck.load_tensors(self.cfg.parent, self.parent)
             ck.load_model_state(model, ck.split_prefix(tensors, "model"), f"parent {self.cfg.parent}")
         model.to(self.cfg.device)
-        return model, make_optimizer(model, self.cfg), 0, []
+        return model, make_optimizer(self._trainable(model), self.cfg), 0, []
+
+    def _trainable(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the optimizer updates: the model, or (``train.method=lora``) adapters attached to it."""
+        if self.cfg.train.method != "lora":
+            self.lora = None
+            return model
+        from wrapperlab.training.lora import LoRA
+
+        t = self.cfg.train
+        self.lora = LoRA(model, t.lora_targets, t.lora_rank, t.lora_alpha)
+        return self.lora
 
     def _resume(self, side: dict) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
         _, tensors = ck.load_tensors(self.run_dir, side)
         model = build_model(self.cfg, self.task)
-        ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(self.run_dir))
+        if self.cfg.train.method == "lora":  # the frozen base is the starting model; the run saved it merged
+            model = self._fresh()[0]
+            self.lora.remove()
+        else:
+            ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(self.run_dir))
         model.to(self.cfg.device)
-        opt = make_optimizer(model, self.cfg)
+        opt = make_optimizer(self._trainable(model), self.cfg)
+        if self.lora is not None:
+            self.lora.load_factors(ck.split_prefix(tensors, "lora"))
         ck.load_optimizer(opt, ck.split_prefix(tensors, "optim"), side["optim_groups"])
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
@@ -180,7 +209,11 @@ class Stage:
 
     def _save(self, model, opt, step, metrics, status, wall) -> dict:
         otensors, groups = ck.optimizer_tensors(opt)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        lora = self.lora
+        state = lora.merged_state(model) if lora is not None else model.state_dict()
+        tensors = {f"model.{k}": v for k, v in state.items()}
+        if lora is not None:
+            tensors |= {f"lora.{k}": v for k, v in lora.factors().items()}
         tensors |= {f"optim.{k}": v for k, v in otensors.items()}
         tensors["rng.torch"] = torch.get_rng_state()
         side = {"run_id": self.run_id, "stage": self.cfg.stage, "status": status,
@@ -220,7 +253,7 @@ class Stage:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            torch.nn.utils.clip_grad_norm_((self.lora or model).parameters(), t.grad_clip)
         opt.step()
         return loss_value
 

@@ -1,0 +1,206 @@
+"""Local Hugging Face checkpoints as wrapperlab models: tiny randomly initialised GPT-2, GPT-NeoX, Llama and Qwen2
+models built from configs (no downloads), loaded offline, their hooks checked against transformers' own hidden
+states and attention weights, and the analyses run on them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import need_module, wl
+
+transformers = need_module("transformers")
+
+from wrapperlab.models.hf import HFLoadError, load_hf  # noqa: E402
+from wrapperlab.models.registry import components  # noqa: E402
+from wrapperlab.tasks.task import PCFGTask, TaskConfig  # noqa: E402
+
+TASK = PCFGTask(TaskConfig(window=16, o2={"count": 8, "count-composition": 8, "token-value": 8,
+                                         "index-of-occurrence": 2, "index-of-composition": 2}))
+V, T = len(TASK.vocab), TASK.seq_len
+
+
+def _configs():
+    c = dict(vocab_size=V)
+    return {
+        "gpt2": transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=T, **c),
+        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, max_position_embeddings=T, **c),
+        "llama": transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=T, **c),
+        "qwen2": transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=T,
+                                          **c),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, cfg in _configs().items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
+def test_hooks_read_what_transformers_computes(checkpoints, arch):
+    model = load_hf(checkpoints[arch])
+    tokens = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(input_ids=tokens, output_hidden_states=True, output_attentions=True)
+        logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(logits, out.logits)
+    comp = components(model)
+    assert comp.family == "hf" and comp.n_layer == 2 and [lab for lab, _ in comp.residual] == ["B0", "B1", "B2"]
+    # hidden_states[0] is the embedding output = block 0's input; the last one is after the final norm in HF
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], out.hidden_states[0])
+    torch.testing.assert_close(cache["blocks.0.hook_resid_post"], out.hidden_states[1])
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[-1])
+    for i in range(2):
+        torch.testing.assert_close(cache[f"blocks.{i}.attn.hook_pattern"], out.attentions[i])
+    assert model.hf.config._attn_implementation == "sdpa"  # eager only while a pattern is hooked
+
+
+def test_editing_the_residual_stream_changes_the_output(checkpoints):
+    model = load_hf(checkpoints["llama"])
+    tokens = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        zeroed = model.run_with_hooks(tokens, [("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))])
+        expect = model.hf.lm_head(model.hf.model.norm(torch.zeros(2, 8, 32)))
+    torch.testing.assert_close(zeroed, expect)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
+def test_analyses_run_on_hf_models(checkpoints, arch):
+    from wrapperlab import analyze
+
+    model = load_hf(checkpoints[arch])
+    res = analyze("probe", model, task=TASK, n_train=60, n_test=30, iters=5)
+    assert {r["layer"] for r in res.rows} == {"B0", "B1", "B2"}
+    res = analyze("prune", model, task=TASK, ks=(0, 2), n_grad=16, n_eval=20, units_listed=5)
+    units = res.tables["units"]
+    comp = components(model)
+    kinds = {m.name: ("row", "column")[m.axis] for m in comp.matrices}
+    assert all(u["kind"] == kinds[u["matrix"]] for u in units) and len(units) == 5
+    if arch == "gpt2":
+        assert {u["kind"] for u in units} == {"column"}  # Conv1D weights are (in, out)
+    res = analyze("attention", model, task=TASK)
+    assert res.arrays["pattern"].shape[:2] == (2, 2 if arch in ("gpt2", "gpt_neox") else 4)
+
+
+def test_pruning_a_column_unit_zeroes_that_output_unit():
+    """GPT-2 stores (in, out): zeroing column j of mlp.c_fc and bias j silences hidden neuron j exactly."""
+    from wrapperlab.analysis.pruning import Unit, zero_units
+
+    torch.manual_seed(0)
+    from wrapperlab.models.hf import HFModel
+
+    model = HFModel(transformers.AutoModelForCausalLM.from_config(_configs()["gpt2"]).eval())
+    name = "hf.transformer.h.0.mlp.c_fc"
+    zero_units(model, [Unit(0, "mlp.c_fc", "column", (3,), 1.0, name + ".weight", name + ".bias")])
+    tokens = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        h = model.hf.transformer.h[0]
+        pre = h.mlp.c_fc(h.ln_2(cache["blocks.0.hook_resid_pre"] + h.attn(h.ln_1(cache["blocks.0.hook_resid_pre"]))[0]))
+    assert torch.all(pre[..., 3] == 0) and torch.any(pre[..., 4] != 0)
+
+
+def test_only_local_directories_load(tmp_path, checkpoints):
+    with pytest.raises(HFLoadError, match="local Hugging Face directories only"):
+        load_hf("gpt2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HFLoadError, match="no config.json"):
+        load_hf(tmp_path / "empty")
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(HFLoadError, match="'bert' is not supported"):
+        load_hf(bad)
+
+
+def _adapter(tmp_path, base_dir):
+    peft = need_module("peft")
+    torch.manual_seed(5)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    return pm.eval(), tmp_path / "adapter"
+
+
+def test_a_lora_adapter_is_analysed_merged_and_its_delta_is_b_times_a(tmp_path, checkpoints):
+    """ΔW is checked against the adapter file itself: scale · B @ A with scale = lora_alpha / r."""
+    from safetensors.torch import load_file
+
+    from wrapperlab.models.hf import adapter_delta, load_any
+
+    pm, adapter = _adapter(tmp_path, checkpoints["llama"])
+    for spec in (f"{checkpoints['llama']}+{adapter}",):
+        model = load_any(spec)
+        tokens = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), pm(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+        raw = load_file(adapter / "adapter_model.safetensors")
+        delta = adapter_delta(spec)
+        assert len(delta) == 4  # q_proj and v_proj of 2 layers
+        for i in range(2):
+            for proj in ("q_proj", "v_proj"):
+                key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+                expect = 2.0 * raw[f"{key}.lora_B.weight"] @ raw[f"{key}.lora_A.weight"]
+                torch.testing.assert_close(delta[f"hf.model.layers.{i}.self_attn.{proj}.weight"], expect)
+    # an adapter that names its local base opens on its own
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path":
+                                                             str(checkpoints["llama"])}))
+    assert adapter_delta(adapter).keys() == delta.keys()
+    assert all(p.requires_grad for p in load_any(adapter).parameters())  # prunable: PEFT had frozen the base
+    with pytest.raises(HFLoadError, match="not a PEFT adapter"):
+        load_any(f"{checkpoints['llama']}+{tmp_path}")
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+def test_the_pair_verdict_runs_on_tiny_hf_models(tmp_path, checkpoints, arch):
+    """A base, a fine-tune that moved its MLP output weights, both with a word-level tokenizer; the capability is
+    the base's own greedy answers, so the base scores 100 % by construction."""
+    import shutil
+
+    from wrapperlab.models.hf_export import word_level_tokenizer
+
+    tokens = [f"t{i}" for i in range(V)]
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(checkpoints[arch], base)
+    for name, text in word_level_tokenizer(tokens).items():
+        (base / name).write_text(text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    rng = np.random.default_rng(0)
+    lines = []
+    with torch.no_grad():
+        for _ in range(40):
+            prompt = rng.integers(0, V, 6).tolist()
+            ans = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+            lines.append(json.dumps({"prompt": " ".join(tokens[i] for i in prompt), "answer": tokens[ans]}))
+        for n, p in model.named_parameters():
+            if "mlp" in n and n.endswith("weight"):
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(ft)
+    for name, text in word_level_tokenizer(tokens).items():
+        (ft / name).write_text(text)
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("\n".join(lines) + "\n")
+    r = wl("analyze", "verdict", "--base", str(base), "--finetuned", str(ft), "--capability", str(cap), "--json",
+           "--set", "prune_k=3")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["meta"]["acc_base"] == 1.0 and res["meta"]["verdict"] in ("wrapper", "deletion", "undetermined",
+                                                                          "unchanged")
+    assert {row["evidence"] for row in res["rows"]} == {"behaviour", "probe", "prune"}
+    assert {u["matrix"] for u in res["evidence"]["prune"]["tables"]["units"]} <= set(
+        n for n in {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+                    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
