@@ -100,7 +100,8 @@ def test_behaviour_loss_and_features_match_the_plain_forward_pass():
 
 def test_pair_verdict_on_runs_and_on_their_hf_export_agree(tmp_path):
     """The round trip that proves the adapter: the same pair, native and exported, gives the same verdict, the same
-    probe accuracies for both models and the same top pruned units under their GPT-2 names."""
+    probe accuracies for both models, the same top pruned units under their GPT-2 names and the same relearning
+    curves (the fine-tuned model and a control pretrained without operand a, each relearning the records)."""
     need_module("transformers")
     shape = ["task.window=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2", "batch_size=16", "eval.n=40",
              "threads=1", "--no-progress"]
@@ -109,6 +110,9 @@ def test_pair_verdict_on_runs_and_on_their_hf_export_agree(tmp_path):
               "--out", str(pt)).returncode == 0
     assert wl("finetune", "--preset", "cpu", f"parent={pt}", "steps=20", "eval.every=20", "c_train=1", "lr=1e-3",
               "eval.n=40", "threads=1", "--no-progress", "--out", str(ft)).returncode == 0
+    ctl = tmp_path / "ctl"
+    assert wl("pretrain", "--preset", "cpu", *shape, "family=count", "steps=60", "eval.every=60", "lr=3e-3",
+              "prior=0,0.5,0.5", "--out", str(ctl)).returncode == 0
     r = wl("data", "sample", "--preset", "cpu", "task.window=32", "--family", "count", "--operand", "a", "--n",
            "200", "--capability-jsonl", str(cap))
     assert r.returncode == 0, r.stderr
@@ -117,11 +121,13 @@ def test_pair_verdict_on_runs_and_on_their_hf_export_agree(tmp_path):
     rec = json.loads(cap.read_text().splitlines()[0])
     assert rec["prompt"].split()[-1] == "=" and rec["answer"] == rec["label"]
     out = {}
-    for name, (b, f) in {"native": (pt, ft), "hf": (tmp_path / "hf-pt", tmp_path / "hf-ft")}.items():
+    models = {"native": (pt, ft, ctl), "hf": (tmp_path / "hf-pt", tmp_path / "hf-ft", tmp_path / "hf-ctl")}
+    for name, (b, f, c) in models.items():
         if name == "hf":
-            assert wl("export", str(pt), "--out", str(b)).returncode == 0
-            assert wl("export", str(ft), "--out", str(f)).returncode == 0
-        r = wl("analyze", "verdict", "--base", str(b), "--finetuned", str(f), "--capability", str(cap), "--json")
+            for src, dst in zip(models["native"], models["hf"]):
+                assert wl("export", str(src), "--out", str(dst)).returncode == 0
+        r = wl("analyze", "verdict", "--base", str(b), "--finetuned", str(f), "--capability", str(cap), "--json",
+               "--control", str(c), "--relearn-steps", "30", "--relearn-lr", "1e-3", "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
         out[name] = json.loads(r.stdout)
     nat, hf = out["native"], out["hf"]
@@ -136,6 +142,16 @@ def test_pair_verdict_on_runs_and_on_their_hf_export_agree(tmp_path):
            for n, o in out.items()}
     assert [(b, names[m], i) for b, m, i in top["native"]] == top["hf"]
     assert [r["acc"] for r in nat["evidence"]["prune"]["rows"]] == [r["acc"] for r in hf["evidence"]["prune"]["rows"]]
+    curves = {n: o["evidence"]["revival"]["rows"] for n, o in out.items()}
+    assert [(r["curve"], r["step"], r["acc"]) for r in curves["native"]] == \
+        [(r["curve"], r["step"], r["acc"]) for r in curves["hf"]]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(curves["native"], curves["hf"])) < 1e-4
+    steps = {n: [(s["curve"], s["steps_to_target"]) for s in o["evidence"]["revival"]["tables"]["summary"]]
+             for n, o in out.items()}
+    assert steps["native"] == steps["hf"] and [c for c, _ in steps["native"]] == ["reft", "scr+ft"]
+    assert [r["passed"] for r in nat["rows"] if r["evidence"] == "revival"] == \
+        [r["passed"] for r in hf["rows"] if r["evidence"] == "revival"] != [None]
+    assert (tmp_path / "native" / "revival.json").is_file() and len(list((tmp_path / "hf" / "relearn").iterdir())) == 2
 
 
 def test_pair_bad_input_is_one_line(tmp_path):
@@ -164,4 +180,14 @@ def test_pair_bad_input_is_one_line(tmp_path):
     assert [row["k"] for row in json.loads(r.stdout)["rows"]] == [0, 1, 2]
     one_line_error(wl("analyze", "prune", "--finetuned", str(a), "--capability", str(cap), "--n-grad", "5"),
                    "--n-grad: not used with --finetuned")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "$ ( a", "answer": "3"}\n{"prompt": 3}\n')
+    one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
+                      "--relearn-data", str(bad)), "line 2 needs string fields")
+    one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
+                      "--baselines", "scr"), "the baseline is --control")
+    one_line_error(wl("analyze", "revival", str(a), "--control", str(b)), "--control: used with --base")
+    one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
+                      "--lr", "S"), "--lr: a pair's relearning LR is a number")
+    bad.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "cap.jsonl"]  # nothing written without --out

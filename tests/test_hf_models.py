@@ -194,13 +194,53 @@ def test_the_pair_verdict_runs_on_tiny_hf_models(tmp_path, checkpoints, arch):
     cap = tmp_path / "cap.jsonl"
     cap.write_text("\n".join(lines) + "\n")
     r = wl("analyze", "verdict", "--base", str(base), "--finetuned", str(ft), "--capability", str(cap), "--json",
-           "--set", "prune_k=3")
+           "--set", "prune_k=3", "--relearn-steps", "5")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["meta"]["acc_base"] == 1.0 and res["meta"]["verdict"] in ("wrapper", "deletion", "undetermined",
                                                                           "unchanged")
-    assert {row["evidence"] for row in res["rows"]} == {"behaviour", "probe", "prune"}
+    assert {row["evidence"] for row in res["rows"]} == {"behaviour", "probe", "prune", "revival"}
+    relearn = next(row for row in res["rows"] if row["evidence"] == "revival")
+    assert relearn["passed"] is None and "no baseline" in relearn["measured"]  # no --control: it cannot vote
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "cap.jsonl", "ft"]  # nothing written without --out
     assert {u["matrix"] for u in res["evidence"]["prune"]["tables"]["units"]} <= set(
         n for n in {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
                     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
+
+
+def test_relearning_an_hf_model_resumes_bit_identically_with_tied_weights(tmp_path, checkpoints):
+    """A relearning stage trains the checkpoint itself (GPT-2: embedding and head tied, dropout on): interrupted
+    after 3 steps and resumed, it ends with the same weights as one uninterrupted run, and the tie survives."""
+    import shutil
+
+    from wrapperlab.models.hf_export import word_level_tokenizer
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.stage import Stage, resolve
+
+    tokens = [f"t{i}" for i in range(V)]
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(checkpoints["gpt2"], model_dir)
+    for name, text in word_level_tokenizer(tokens).items():
+        (model_dir / name).write_text(text)
+    assert json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", True)
+    rng = np.random.default_rng(1)
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"prompt": " ".join(tokens[i] for i in rng.integers(0, V, 5)),
+                                       "answer": tokens[int(rng.integers(0, V))]}) + "\n" for _ in range(24)))
+    raw = {"stage": "reft", "model": {"family": "hf", "path": str(model_dir)},
+           "task": {"kind": "capability", "path": str(cap), "tokenizer": str(model_dir), "vocab_size": V},
+           "train": {"loss": "masked", "lr": 1e-3, "steps": 6, "batch_size": 4, "warmup_steps": 0,
+                     "schedule": "constant"}, "eval": {"every": 3}, "threads": 1}
+    cfg, _ = resolve(raw)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    Stage(cfg, None, whole).run(progress=False)
+    assert Stage(cfg, None, parts).run(progress=False, stop_after=3)["step"] == 3
+    assert Stage(cfg, None, parts).run(progress=False)["status"] == "done"
+    a, b = ck.load_tensors(whole)[1], ck.load_tensors(parts)[1]
+    for k in a:
+        if k.startswith("model."):
+            assert torch.equal(a[k], b[k]), k
+    assert torch.equal(a["model.hf.lm_head.weight"], a["model.hf.transformer.wte.weight"])
+    before = load_hf(model_dir).state_dict()["hf.transformer.wte.weight"]
+    assert not torch.equal(before, a["model.hf.transformer.wte.weight"])  # it did train

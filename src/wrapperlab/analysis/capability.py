@@ -17,239 +17,25 @@ attention mask is needed and positions are exact).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from wrapperlab.analysis.common import AnalysisError, Result, Settings, need
-
-
-class CapabilityError(AnalysisError):
-    """A capability file, tokenizer or model pair that cannot be used (one line naming what is wrong)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    prompt: str
-    answer: str
-    label: str | None = None
-    line: int = 0
-
-
-def read_records(path: str | Path) -> list[Record]:
-    """The records of a capability JSONL file; a malformed line is an error naming its number."""
-    p = Path(path)
-    if not p.is_file():
-        raise CapabilityError(f"--capability: {path} is not a file")
-    out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CapabilityError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"),
-                                                                                                  str):
-            raise CapabilityError(f"{path}: line {n} needs string fields \"prompt\" and \"answer\"")
-        label = rec.get("label")
-        if label is not None and not isinstance(label, (str, int)):
-            raise CapabilityError(f"{path}: line {n}: \"label\" must be a string or an integer")
-        if not rec["answer"]:
-            raise CapabilityError(f"{path}: line {n}: the answer is empty")
-        out.append(Record(rec["prompt"], rec["answer"], None if label is None else str(label), n))
-    if not out:
-        raise CapabilityError(f"{path}: no records")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ tokenizers
-class WordTokenizer:
-    """A run's own vocabulary: text is split on whitespace and every piece must be a token."""
-
-    def __init__(self, tokens: tuple[str, ...] | list[str]):
-        self.tokens = tuple(tokens)
-        self.index = {t: i for i, t in enumerate(self.tokens)}
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for piece in text.split():
-            if piece not in self.index:
-                raise KeyError(piece)
-            ids.append(self.index[piece])
-        return ids
-
-    def decode(self, ids) -> str:
-        return " ".join(self.tokens[i] for i in ids)
-
-    def identity(self) -> tuple:
-        return ("word", self.tokens)
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer from a local model directory (no special tokens are added to the text)."""
-
-    def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        self.path = str(path)
-        cfg = Path(path) / "tokenizer_config.json"
-        named = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
-        # a plain tokenizer.json (as wrapperlab writes) is read as it is; AutoTokenizer would rebuild it as the
-        # model type's own tokenizer class (a Qwen2 directory's, say), which can drop its vocabulary
-        cls = PreTrainedTokenizerFast if named == "PreTrainedTokenizerFast" else AutoTokenizer
-        self.tok = cls.from_pretrained(self.path, local_files_only=True)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return list(self.tok(text, add_special_tokens=False)["input_ids"])
-        except Exception as e:  # tokenizers raises a bare Exception for a word outside a WordLevel vocabulary
-            raise ValueError(f"the tokenizer cannot encode {text!r} ({' '.join(str(e).split())[:200]})") from None
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids))
-
-    def identity(self) -> tuple:
-        return ("hf", tuple(sorted(self.tok.get_vocab().items())))
-
-
-@dataclass
-class Capability:
-    """Tokenized records: prompt and answer ids per record, and the probe classes (label, else answer)."""
-
-    records: list[Record]
-    prompts: list[list[int]]
-    answers: list[list[int]]
-    classes: np.ndarray
-    class_names: list[str]
-    source: str = ""
-
-    @classmethod
-    def build(cls, records: list[Record], tokenizer, vocab_size: int, seq_len: int | None = None,
-              source: str = "") -> Capability:
-        prompts, answers = [], []
-        for r in records:
-            where = f"{source}: line {r.line}" if source else f"line {r.line}"
-            try:
-                p, full = tokenizer.encode(r.prompt), tokenizer.encode(joined(r.prompt, r.answer))
-            except KeyError as e:
-                raise CapabilityError(f"{where}: token {e.args[0]!r} is not in the model's vocabulary") from None
-            except ValueError as e:
-                raise CapabilityError(f"{where}: {e}") from None
-            if not p:
-                raise CapabilityError(f"{where}: the prompt has no tokens")
-            a = full[len(p):]
-            if full[:len(p)] != p:
-                raise CapabilityError(f"{where}: the answer {r.answer!r} merges with the prompt's last token when "
-                                      f"the two are tokenized together; end the prompt at a token boundary")
-            if not a or tokenizer.decode(a).strip() != r.answer.strip():
-                raise CapabilityError(f"{where}: the tokenizer cannot produce the answer {r.answer!r} "
-                                      f"(it encodes to {a})")
-            if max(p + a) >= vocab_size:
-                raise CapabilityError(f"{where}: token id {max(p + a)} is beyond the model's vocabulary "
-                                      f"({vocab_size}); the tokenizer does not belong to this model")
-            if seq_len and len(p) + len(a) > seq_len:
-                raise CapabilityError(f"{where}: prompt + answer is {len(p) + len(a)} tokens, beyond the model's "
-                                      f"context ({seq_len})")
-            prompts.append(p)
-            answers.append(a)
-        keys = [r.label if r.label is not None else r.answer for r in records]
-        names = sorted(set(keys))
-        classes = np.array([names.index(k) for k in keys], dtype=np.int64)
-        return cls(records, prompts, answers, classes, names, source)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def split(self, test_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """A seeded (train, test) split of the record indices (the probes fit on train and score on test)."""
-        order = np.random.default_rng([seed, 11]).permutation(len(self))
-        n_test = max(1, int(round(test_frac * len(self))))
-        if n_test >= len(self):
-            raise CapabilityError(f"{self.source}: {len(self)} records are too few to hold out {n_test} for testing")
-        return np.sort(order[n_test:]), np.sort(order[:n_test])
-
-    def majority(self, idx: np.ndarray) -> float:
-        answers = [self.records[i].answer for i in idx]
-        return max(answers.count(a) for a in set(answers)) / len(answers)
-
-
-def joined(prompt: str, answer: str) -> str:
-    """The text a model reads: the answer follows the prompt after one space, unless either side already has
-    whitespace at the join (so ``"... ="`` + ``"4"`` reads ``"... = 4"``, and GPT-2's BPE sees ``" 4"``, the token
-    a model would produce there)."""
-    if not prompt or not answer or prompt[-1].isspace() or answer[0].isspace():
-        return prompt + answer
-    return f"{prompt} {answer}"
-
-
-def _groups(lengths: list[int], idx: np.ndarray) -> list[np.ndarray]:
-    """``idx`` grouped by equal length (each group keeps idx order)."""
-    by: dict[int, list[int]] = {}
-    for i in idx:
-        by.setdefault(lengths[i], []).append(int(i))
-    return [np.array(v) for _, v in sorted(by.items())]
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-# -------------------------------------------------------------------------------------------- measurements
-@torch.no_grad()
-def correct(model, cap: Capability, idx: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
-    """Per record of ``idx``: does greedy decoding from the prompt reproduce every answer token?"""
-    idx = np.arange(len(cap)) if idx is None else idx
-    dev, was = _device(model), model.training
-    model.eval()
-    ok = {}
-    keys = [len(p) * 10_000 + len(a) for p, a in zip(cap.prompts, cap.answers)]
-    for g in _groups(keys, idx):
-        for s in range(0, len(g), batch_size):
-            rows = g[s:s + batch_size]
-            x = torch.tensor([cap.prompts[i] for i in rows], device=dev)
-            ans = torch.tensor([cap.answers[i] for i in rows], device=dev)
-            hit = torch.ones(len(rows), dtype=torch.bool, device=dev)
-            for j in range(ans.shape[1]):
-                pred = model(x, positions=-1).argmax(-1)
-                hit &= pred == ans[:, j]
-                x = torch.cat([x, pred[:, None]], 1)
-            ok.update(zip(rows.tolist(), hit.cpu().tolist()))
-    model.train(was)
-    return np.array([ok[int(i)] for i in idx], dtype=bool)
-
-
-def accuracy(model, cap: Capability, idx: np.ndarray | None = None) -> float:
-    return float(correct(model, cap, idx).mean())
-
-
-def answer_loss(model, cap: Capability, idx: np.ndarray, *, batch_size: int = 128,
-                backward: bool = False) -> torch.Tensor:
-    """Mean teacher-forced cross-entropy of the answer tokens given the prompt, over every answer token of the
-    records ``idx``, in batches of ``batch_size`` records. ``backward``: backpropagate batch by batch (the
-    gradient of the mean, without holding every batch's graph) and return the value detached; otherwise the
-    returned value is differentiable."""
-    dev = _device(model)
-    count = sum(len(cap.answers[i]) for i in idx)
-    total = torch.zeros((), device=dev)
-    keys = [len(p) * 10_000 + len(a) for p, a in zip(cap.prompts, cap.answers)]
-    for g in _groups(keys, idx):
-        lp, la = len(cap.prompts[g[0]]), len(cap.answers[g[0]])
-        for s in range(0, len(g), batch_size):
-            seq = torch.tensor([cap.prompts[i] + cap.answers[i] for i in g[s:s + batch_size]], device=dev)
-            logits = model(seq[:, :-1], positions=torch.arange(lp - 1, lp - 1 + la, device=dev))
-            part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, lp:].reshape(-1),
-                                   reduction="sum") / count
-            if backward:
-                part.backward()
-                part = part.detach()
-            total = total + part
-    return total
+from wrapperlab.analysis.common import Result, Settings, need
+from wrapperlab.tasks.capability import (  # noqa: F401  (the capability's names, for one import)
+    Capability,
+    CapabilityError,
+    HFTokenizer,
+    Record,
+    WordTokenizer,
+    _groups,
+    joined,
+    read_records,
+)
+from wrapperlab.training.capability_eval import accuracy, answer_loss, correct  # noqa: F401
 
 
 def features(model, cap: Capability, idx: np.ndarray) -> torch.Tensor:
@@ -323,11 +109,100 @@ def prune_pair(model, cap: Capability, s: PairSettings, units_listed: int = 100)
                   {"units": listed})
 
 
+class RelearnSettings(Settings):
+    lr: float = Field(1e-5, gt=0, description="relearning LR (constant after warmup)")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    warmup: int = Field(0, ge=0, description="warmup steps")
+    every: int = Field(20, ge=1, description="evaluation and checkpoint cadence (plus steps 1, 2, 5, 10, ...)")
+    fraction: float = Field(0.9, gt=0, le=1, description="target: this fraction of the base model's accuracy")
+    test_frac: float = Field(0.25, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0)
+
+
+def stage_model(path: str | Path) -> tuple[dict, dict]:
+    """How a training stage starts from the model at ``path``: (model section, extra config keys). A run directory
+    is its family's model with ``init`` = the run; a Hugging Face directory (or BASE+ADAPTER) is the ``hf`` family."""
+    from wrapperlab.training.checkpoint import SIDECAR, read_sidecar
+
+    if (Path(path) / SIDECAR).is_file():
+        return read_sidecar(path)["config"]["model"], {"init": str(path)}
+    return {"family": "hf", "path": str(path)}, {}
+
+
+def relearn_config(subject: Subject, capability: str | Path, s: RelearnSettings,
+                   train_data: str | Path | None = None) -> dict:
+    """The raw config of a ``reft`` stage that relearns the capability file's answers from ``subject`` (on
+    ``train_data``'s records when given, else on the file's training split)."""
+    from wrapperlab.models.hf import split_adapter
+
+    model, extra = stage_model(subject.path)
+    words = subject.tokenizer.tokens if isinstance(subject.tokenizer, WordTokenizer) else None
+    task = {"kind": "capability", "path": str(capability), "vocab_size": subject.vocab_size,
+            "seq_len": subject.seq_len, "test_frac": s.test_frac, "split_seed": s.seed,
+            **({"train_path": str(train_data)} if train_data else {}),
+            **({"words": list(words)} if words is not None else {"tokenizer": str(split_adapter(subject.path)[0])})}
+    train = {"loss": "masked", "lr": s.lr, "steps": s.steps, "batch_size": s.batch_size, "warmup_steps": s.warmup,
+             "schedule": "constant", "weight_decay": 0.0, "seed": s.seed}
+    return {"stage": "reft", "task": task, "model": model, "train": train, "threads": s.threads,
+            "eval": {"every": s.every, "log_spaced": True}, **extra}
+
+
+def relearn_pair(subjects: list[tuple[str, Subject]], cap: Capability, out: str | Path, base,
+                 s: RelearnSettings | None = None, *, train_data: str | Path | None = None, progress: bool = False,
+                 log=lambda _m: None) -> Result:
+    """Relearning (paper §5: reverse fine-tuning) of each (curve, subject) on the capability file's training split,
+    one ``reft`` stage each under ``out`` (finished stages are reused, interrupted ones resume), scored on its
+    held-out records. Curves: ``reft`` (the fine-tuned model) and ``scr+ft`` (the control: a model that never had
+    the capability, the role of the paper's Scr.+FT baseline). Rows: curve, step, acc, loss, majority. Side table
+    ``summary``: per curve, the first evaluated step whose accuracy reaches ``fraction`` x ``base_acc`` (the base
+    model's accuracy on the same held-out records), None when not reached."""
+    from wrapperlab.analysis.common import AnalysisError
+    from wrapperlab.training.config import ConfigError
+    from wrapperlab.training.stage import Stage, default_run_dir, resolve
+
+    s = s or RelearnSettings()
+    capability = cap.source
+    if train_data:  # read and tokenized before anything trains: a bad line is one error, nothing written
+        for _, subj in subjects:
+            Capability.build(read_records(train_data), subj.tokenizer, subj.vocab_size, subj.seq_len, str(train_data))
+    held_out = np.arange(len(cap)) if train_data else cap.split(s.test_frac, s.seed)[1]
+    base_acc = accuracy(base, cap, held_out)
+    target = s.fraction * base_acc
+    rows, summary = [], []
+    for curve, subj in subjects:
+        try:
+            cfg, _ = resolve(relearn_config(subj, capability, s, train_data))
+        except ConfigError as e:
+            raise AnalysisError(str(e)) from None
+        run_dir = default_run_dir(cfg, None, Path(out) / "relearn")
+        log(f"relearn {curve} ({subj.path}) -> {run_dir}")
+        side = Stage(cfg, None, run_dir).run(progress=progress, log=log)
+        if side.get("status") != "done":
+            raise AnalysisError(f"{run_dir}: relearning ended with status {side.get('status')!r}")
+        label = "control" if curve == "scr+ft" else "fine-tuned"
+        curve_rows = sorted(({"curve": curve, "label": label, "step": m["step"], "acc": m["acc"], "loss": m["loss"],
+                              "majority": m["majority"]} for m in side["metrics"]), key=lambda r: r["step"])
+        rows += curve_rows
+        hit = next((r["step"] for r in curve_rows if r["acc"] >= target), None)
+        summary.append({"curve": curve, "label": label,
+                        "model": subj.path, "lr": s.lr, "steps": s.steps, "steps_to_target": hit,
+                        "target": target, "start_acc": curve_rows[0]["acc"], "final_acc": curve_rows[-1]["acc"],
+                        "run_dir": str(run_dir)})
+    meta = {"settings": s.to_dict(), "capability": str(capability), "base_acc": base_acc, "target": target,
+            "relearn_data": str(train_data) if train_data else "the capability's training split",
+            "baseline": "control" if any(c == "scr+ft" for c, _ in subjects) else "none given"}
+    return Result("revival", rows, meta, {"summary": summary})
+
+
 def verdict_pair(base, finetuned, cap: Capability, *, control=None, settings: PairSettings | None = None,
-                 thresholds=None, log=lambda _m: None) -> tuple[Result, dict[str, Result]]:
+                 thresholds=None, revival: Result | None = None,
+                 log=lambda _m: None) -> tuple[Result, dict[str, Result]]:
     """The verdict on a (base, fine-tuned) pair: behaviour on every record, probes (base, fine-tuned and a control:
     the given model, else a random-init model of the fine-tuned one's architecture), pruning of the fine-tuned
-    model; returns the verdict and the evidence it read."""
+    model, and relearning when ``revival`` (from :func:`relearn_pair`) is given; returns the verdict and the
+    evidence it read."""
     from wrapperlab.analysis.verdict import Thresholds, decide
     from wrapperlab.models.registry import random_like
 
@@ -340,9 +215,10 @@ def verdict_pair(base, finetuned, cap: Capability, *, control=None, settings: Pa
     probe = probe_pair([("finetune", finetuned), ("pretrained", base), ("random-init", ctl)], cap, s)
     log("pruning")
     prune = prune_pair(finetuned, cap, s.replace(ks=tuple(k for k in s.ks if k <= th.prune_k) or (0,)))
-    res = decide(acc_b, acc_f, th, probe=probe, prune=prune, what=f"capability ({len(cap)} records)")
+    res = decide(acc_b, acc_f, th, probe=probe, prune=prune, revival=revival,
+                 what=f"capability ({len(cap)} records)")
     res.meta |= {"capability": cap.source, "control": "given" if control is not None else "random-init"}
-    return res, {"probe": probe, "prune": prune}
+    return res, {"probe": probe, "prune": prune} | ({"revival": revival} if revival is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------- the models

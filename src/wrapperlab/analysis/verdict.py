@@ -112,8 +112,16 @@ def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds
         r_steps = re_["steps_to_target"]
         b_txt = base["steps_to_target"] if base["steps_to_target"] is not None else f"not reached in {base['steps']}"
         r_txt = r_steps if r_steps is not None else f"not reached in {re_['steps']}"
-        rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}, Scr.+FT {b_txt}",
-                         r_steps, f"reFT <= {th.revival_ratio} x Scr.+FT", ok, "revives faster than baseline"))
+        name = "control" if base.get("label") == "control" else "Scr.+FT"
+        rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}, {name} {b_txt}",
+                         r_steps, f"reFT <= {th.revival_ratio} x {name}", ok, "revives faster than baseline"))
+    elif revival is not None:  # relearning measured without a baseline: reported, but it cannot vote
+        re_ = next((r for r in revival.tables.get("summary", []) if r["curve"] == "reft"), None)
+        if re_ is not None:
+            r_txt = re_["steps_to_target"] if re_["steps_to_target"] is not None else f"not reached in {re_['steps']}"
+            rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}; no baseline (give a "
+                                        f"control model that never had the capability)", re_["steps_to_target"],
+                             "needs a baseline", None, "no vote"))
     if not lost:
         label = "amplification" if learned else "unchanged"
         why = ("PT behaviour kept and the FT capability was learned" if learned

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -21,8 +23,11 @@ PAIR_RUN = typer.Argument(None, help="run directory (or give --finetuned and --c
 BASE_OPT = typer.Option(None, "--base", help="base model: a run, a local Hugging Face directory or BASE+ADAPTER")
 FT_OPT = typer.Option(None, "--finetuned", help="fine-tuned model: a run, an HF directory or BASE+ADAPTER")
 CAP_OPT = typer.Option(None, "--capability", help="JSONL of {prompt, answer, label?} records (docs/huggingface.md)")
-CONTROL_OPT = typer.Option(None, "--control", help="probe control model (default: a random-init model of the "
-                                                   "fine-tuned one's architecture)")
+CONTROL_OPT = typer.Option(None, "--control", help="control model that never had the capability: the probes' control "
+                                                   "(default: a random-init model of the fine-tuned one's "
+                                                   "architecture) and the relearning baseline (default: none)")
+RELEARN_DATA_OPT = typer.Option(None, "--relearn-data", help="JSONL records to relearn on (default: 75 % of "
+                                                             "--capability, the other 25 % scored)")
 OUT_OPT = typer.Option(None, "--out", help="where the table and figures go (default RUN/analysis)")
 JSON_OPT = typer.Option(False, "--json", help="print the result as one JSON object")
 
@@ -85,9 +90,9 @@ def probe_cmd(
 
         _not_in_pair_mode(n_train=n_train, n_test=n_test, family=family, no_controls=not controls)
         with user_errors():
-            b, f, ctl, cap = _open_pair(base, finetuned, capability, control)
+            b, f, c, cap = _open_pair(base, finetuned, capability, control)
             s = PairSettings(seed=seed, **({"probe_iters": iters} if iters else {}))
-            ctl = ctl if ctl is not None else random_like(f.model, seed)
+            ctl = c.model if c is not None else random_like(f.model, seed)
             res = probe_pair([("finetune", f.model), ("pretrained", b.model), ("random-init", ctl)], cap, s)
         _emit_pair(res, out_dir, as_json, lambda: print_rows(
             res.tables["summary"], {"model": "model", "target": "target", "best_layer": "best layer", "acc":
@@ -229,8 +234,13 @@ def attention_cmd(
 
 @analyze_app.command("revival")
 def revival_cmd(
-    run: Path = RUN_ARG,
+    run: Path | None = PAIR_RUN,
     out_dir: Path | None = OUT_OPT,
+    base: Path | None = BASE_OPT,
+    finetuned: Path | None = FT_OPT,
+    capability: Path | None = CAP_OPT,
+    control: Path | None = CONTROL_OPT,
+    relearn_data: Path | None = RELEARN_DATA_OPT,
     lr: str | None = typer.Option(None, help="reFT LR: a name (S, VS, ...) or a number; default the preset's "
                                              "reFT LR if below the fine-tuning LR, else the next named LR below"),
     steps: int | None = typer.Option(None, help="reFT (and baseline) steps (default: the preset's reFT steps)"),
@@ -244,9 +254,20 @@ def revival_cmd(
 ) -> None:
     """Reverse fine-tune a fine-tuned run on the pretraining task and train the Scr.+FT and Scr. baselines
     with the same recipe (reusing finished runs under OUT/revival); curves of O_PT accuracy against steps
-    (log x, Fig. 9) and the steps each needs to reach the target."""
+    (log x, Fig. 9) and the steps each needs to reach the target.
+
+    On a pair (--base, --finetuned, --capability; runs or Hugging Face directories): relearning of the fine-tuned
+    model and of --control on the capability's records (default 200 steps at LR 1e-5), scored on held-out records
+    against the base model's accuracy; its stages go to OUT/relearn when --out is given."""
     from wrapperlab.analysis.registry import Context, analyze
     from wrapperlab.report.figures import plot_revival
+
+    if _pair_mode(run, finetuned, capability, base, needs_base=True):
+        _pair_revival(base, finetuned, capability, control, relearn_data, out_dir, lr, steps, fraction, threads,
+                      progress, as_json, baselines=baselines, scratch_steps=scratch_steps)
+        return
+    if relearn_data is not None or control is not None:
+        _fail("--relearn-data, --control: used with --base/--finetuned/--capability (the pair form)")
 
     od = _out_dir(run, out_dir)
     lr_v: float | str | None = lr
@@ -280,7 +301,11 @@ def verdict_cmd(
     control: Path | None = CONTROL_OPT,
     threshold: list[str] | None = typer.Option(None, "--set", help="threshold=value, e.g. --set prune_gain=0.4 "
                                                                    "(see the table for names and defaults)"),
-    revival: bool = typer.Option(True, help="include revival (trains reFT and baselines if not done yet)"),
+    revival: bool = typer.Option(True, help="include revival (trains reFT and baselines if not done yet; on a pair: "
+                                            "relearning)"),
+    relearn_data: Path | None = RELEARN_DATA_OPT,
+    relearn_steps: int = typer.Option(200, min=1, help="pair form: relearning steps"),
+    relearn_lr: float = typer.Option(1e-5, min=0, help="pair form: relearning LR"),
     threads: int | None = typer.Option(None, help="torch threads"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -290,7 +315,8 @@ def verdict_cmd(
 
     On any pair of models (--base, --finetuned: wrapperlab runs or local Hugging Face directories) the capability
     is a JSONL file: behaviour on both, probes on both and on a control, grad·w pruning of the fine-tuned model,
-    then the same rules. Relearning is not measured on a pair yet (the verdict says so)."""
+    relearning of the fine-tuned model and of the --control (without one, relearning is reported but cannot vote:
+    there is no baseline), then the same rules."""
     from wrapperlab.analysis.registry import Context, analyze, gather_inputs, get_analysis
     from wrapperlab.training.checkpoint import read_sidecar
 
@@ -307,7 +333,11 @@ def verdict_cmd(
         err.print(m, highlight=False, markup=False)
 
     if _pair_mode(run, finetuned, capability, base, needs_base=True):
-        _pair_verdict(base, finetuned, capability, control, out_dir, values, as_json, log)
+        from wrapperlab.analysis.capability import RelearnSettings
+
+        with user_errors():
+            rs = RelearnSettings(steps=relearn_steps, lr=relearn_lr, threads=threads or 0) if revival else None
+        _pair_verdict(base, finetuned, capability, control, out_dir, values, as_json, log, rs, relearn_data)
         return
     od = _out_dir(run, out_dir)
     with user_errors():
@@ -340,7 +370,8 @@ def _pair_mode(run: Path | None, finetuned: Path | None, capability: Path | None
 
 
 def _open_pair(base: Path | None, finetuned: Path, capability: Path, control: Path | None):
-    """(base subject or None, fine-tuned subject, control model, capability), all checked to fit together."""
+    """(base subject or None, fine-tuned subject, control subject or None, capability), all checked to fit
+    together."""
     from wrapperlab.analysis.capability import Capability, check_pair, open_subject, read_records
 
     records = read_records(capability)
@@ -350,9 +381,8 @@ def _open_pair(base: Path | None, finetuned: Path, capability: Path, control: Pa
         check_pair(b, f)
     ctl = None
     if control is not None:
-        c = open_subject(control)
-        check_pair(f, c)
-        ctl = c.model
+        ctl = open_subject(control)
+        check_pair(f, ctl)
     return b, f, ctl, Capability.build(records, f.tokenizer, f.vocab_size, f.seq_len, str(capability))
 
 
@@ -364,28 +394,77 @@ def _not_in_pair_mode(**given) -> None:
               f"data)")
 
 
+@contextmanager
+def _relearn_dir(out_dir: Path | None):
+    """Where relearning stages go: OUT/relearn (kept: reused and resumed by the next command), else a temporary
+    directory removed afterwards."""
+    if out_dir is not None:
+        yield out_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="wrapperlab-relearn-") as tmp:
+        yield Path(tmp)
+
+
+def _relearn(b, f, c, cap, relearn_data: Path | None, settings, out_dir: Path | None, progress: bool, log):
+    """Relearning of the fine-tuned model and, when given, of the control (the pair form of revival)."""
+    from wrapperlab.analysis.capability import relearn_pair
+
+    subjects = [("reft", f)] + ([("scr+ft", c)] if c is not None else [])
+    with _relearn_dir(out_dir) as od:
+        return relearn_pair(subjects, cap, od, b.model, settings, train_data=relearn_data, progress=progress,
+                            log=log)
+
+
+def _pair_revival(base, finetuned, capability, control, relearn_data, out_dir, lr, steps, fraction, threads,
+                  progress, as_json, baselines, scratch_steps) -> None:
+    from wrapperlab.analysis.capability import RelearnSettings
+    from wrapperlab.report.figures import plot_revival
+
+    if baselines != "scr+ft,scr" or scratch_steps is not None:
+        _fail("--baselines, --scratch-steps: not used with --finetuned/--capability (the baseline is --control)")
+    _threads(threads)
+    with user_errors():
+        try:
+            lr_v = 1e-5 if lr is None else float(lr)
+        except ValueError:
+            _fail(f"--lr: a pair's relearning LR is a number, not {lr!r}")
+        s = RelearnSettings(lr=lr_v, steps=steps or 200, fraction=fraction, threads=threads or 0)
+        b, f, c, cap = _open_pair(base, finetuned, capability, control)
+        res = _relearn(b, f, c, cap, relearn_data, s, out_dir, progress and not as_json,
+                       lambda m: err.print(m, highlight=False, markup=False))
+    _emit_pair(res, out_dir, as_json, lambda: print_rows(
+        res.tables["summary"], {"curve": "curve", "label": "model", "start_acc": "start %", "final_acc": "final %",
+                                "target": "target %", "steps_to_target": "steps to target", "steps": "steps run"},
+        f"relearning of {finetuned} (held-out accuracy; — = not reached; baseline: {res.meta['baseline']})"),
+        lambda od: [plot_revival(res.rows, res.meta["target"], od / "revival.png", f"relearning: {finetuned}")])
+
+
 def _pair_verdict(base: Path, finetuned: Path, capability: Path, control: Path | None, out_dir: Path | None,
-                  values: dict, as_json: bool, log) -> None:
+                  values: dict, as_json: bool, log, relearn, relearn_data: Path | None) -> None:
+    """``relearn``: RelearnSettings, or None to leave relearning out."""
     from wrapperlab.analysis.capability import verdict_pair
     from wrapperlab.analysis.registry import get_analysis
 
     with user_errors():
         th = get_analysis("verdict").make_settings(values)
-        b, f, ctl, cap = _open_pair(base, finetuned, capability, control)
-        res, evidence = verdict_pair(b.model, f.model, cap, control=ctl, thresholds=th, log=log)
-    res.meta |= {"base": str(base), "finetuned": str(finetuned),
-                 "revival": "not measured (relearning of a model pair is not available yet)"}
+        b, f, c, cap = _open_pair(base, finetuned, capability, control)
+        rev = None
+        if relearn is not None:
+            log("relearning")
+            rev = _relearn(b, f, c, cap, relearn_data, relearn, out_dir, not as_json, log)
+        res, evidence = verdict_pair(b.model, f.model, cap, control=c.model if c else None, thresholds=th,
+                                     revival=rev, log=log)
+    res.meta |= {"base": str(base), "finetuned": str(finetuned)}
     files = []
     if out_dir is not None:
-        files = [evidence["probe"].save(out_dir / "probe.json"), evidence["prune"].save(out_dir / "prune.json"),
-                 res.save(out_dir / "verdict.json")]
+        files = [v.save(out_dir / f"{k}.json") for k, v in evidence.items()] + [res.save(out_dir / "verdict.json")]
     if as_json:
         print(json.dumps({**res.to_dict(), "evidence": {k: v.to_dict() for k, v in evidence.items()},
                           "files": [str(x) for x in files]}))
         return
     print_rows(res.rows, {"evidence": "evidence", "measured": "measured", "threshold": "threshold",
                           "passed": "passed", "supports": "if passed"}, f"evidence for {finetuned} against {base}")
-    out.print(f"verdict: {res.meta['verdict'].upper()} — {res.meta['why']}; revival not measured", highlight=False)
+    out.print(f"verdict: {res.meta['verdict'].upper()} — {res.meta['why']}", highlight=False)
     if files:
         out.print("written: " + ", ".join(str(x) for x in files), highlight=False)
 

@@ -33,6 +33,8 @@ def user_errors() -> Iterator[None]:
     from wrapperlab.experiments.run import ExecutorError
     from wrapperlab.experiments.spec import SpecError
     from wrapperlab.experiments.store import StoreError
+    from wrapperlab.models.hf import HFLoadError
+    from wrapperlab.tasks.capability import CapabilityError
     from wrapperlab.tasks.stories import StoriesError
     from wrapperlab.tasks.tokenizer import TokenizerError
     from wrapperlab.training.checkpoint import CheckpointError
@@ -41,8 +43,8 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
-    except (AnalysisError, CheckpointError, ConfigError, ExecutorError, SpecError, StoreError, StoriesError,
-            TokenizerError, JudgeError) as e:
+    except (AnalysisError, CapabilityError, CheckpointError, ConfigError, ExecutorError, HFLoadError, SpecError,
+            StoreError, StoriesError, TokenizerError, JudgeError) as e:
         _fail(str(e))
 
 

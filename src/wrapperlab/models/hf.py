@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from wrapperlab.models.registry import Components, Matrix, ModelFamily, register, residual_hooks
@@ -59,7 +59,17 @@ class HFConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     family: Literal["hf"] = "hf"
-    path: str = Field(..., description="local Hugging Face model directory (config.json + safetensors)")
+    path: str = Field(..., description="local Hugging Face model directory (config.json + safetensors), or "
+                                       "BASE+ADAPTER (a PEFT adapter on it, merged)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:  # absolute, so the run id names the checkpoint wherever the command started
+        p = Path(v).expanduser()
+        if not p.exists() and "+" in v:
+            base, _, adapter = v.rpartition("+")
+            return f"{Path(base).expanduser().resolve()}+{Path(adapter).expanduser().resolve()}"
+        return str(p.resolve())
 
 
 def check_local(path: str | Path) -> Path:
@@ -303,8 +313,11 @@ def hf_components(model: HFModel) -> Components:
 
 
 def _build(cfg: HFConfig, vocab: int, seq: int) -> HFModel:
-    raise HFLoadError("model.family=hf: training a Hugging Face checkpoint through the stages is not supported; "
-                      "analyse it with --base/--finetuned PATH")
+    """The checkpoint itself (a stage that trains an ``hf`` model continues it; the task's vocabulary must fit)."""
+    model = load_any(cfg.path)
+    if vocab > model.vocab_size:
+        raise HFLoadError(f"model.path: {cfg.path} has {model.vocab_size} token embeddings; the task needs {vocab}")
+    return model
 
 
 def _fresh(model: HFModel) -> HFModel:

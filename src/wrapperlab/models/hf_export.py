@@ -52,7 +52,10 @@ def hf_checkpoint(model) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ExportError(str(e)) from None
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in state.values()) else torch.float32
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    return {**config, "torch_dtype": str(dtype).removeprefix("torch.")}, state
+    # our vocabularies have no BOS/EOS token: the config classes' defaults (GPT-2's 50256, Llama's 1 and 2) would
+    # name a token outside the vocabulary, or an ordinary one that generation would stop at
+    no_special = {"bos_token_id": None, "eos_token_id": None}
+    return {**config, **no_special, "torch_dtype": str(dtype).removeprefix("torch.")}, state
 
 
 def write_hf(model, out: str | Path, files: dict[str, str | bytes] | None = None,

@@ -118,7 +118,7 @@ def plot_revival(rows: list[dict], target: float, path: str | Path, title: str =
     for i, curve in enumerate(dict.fromkeys(r["curve"] for r in rows)):
         sub = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["step"])
         ax.plot([max(r["step"], 0.5) for r in sub], [100 * r["acc"] for r in sub], marker="o", ms=3,
-                color=f"C{i}", label=names.get(curve, curve))
+                color=f"C{i}", label=sub[0].get("label") or names.get(curve, curve))
     ax.axhline(100 * target, color="grey", ls=":", lw=1, label="target")
     ax.set_xscale("log")
     ax.set_xlabel("reverse fine-tuning step (log; step 0 drawn at 0.5)")

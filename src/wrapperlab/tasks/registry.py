@@ -30,7 +30,8 @@ from pydantic import BaseModel
 
 from wrapperlab.registry import Registry
 
-BUILTIN = ("wrapperlab.tasks.task", "wrapperlab.tasks.tracr_tasks", "wrapperlab.tasks.story_task")
+BUILTIN = ("wrapperlab.tasks.task", "wrapperlab.tasks.tracr_tasks", "wrapperlab.tasks.story_task",
+           "wrapperlab.tasks.capability")
 
 
 class Task(Protocol):

@@ -46,7 +46,14 @@ def read_sidecar(run_dir: str | Path) -> dict:
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], sidecar: dict) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    seen: set[int] = set()
+    flat = {}
+    for k, v in tensors.items():  # tied weights (a Hugging Face model's embedding and head) are stored once each
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        flat[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    data = st_save(flat)
     fname = f"ckpt-{step:08d}.safetensors"
     atomic_write_bytes(run_dir / fname, data)
     side = dict(sidecar, format=FORMAT, step=step,

@@ -49,7 +49,9 @@ class TrainConfig(BaseModel):
     schedule: Literal["cosine", "constant", "cosine-whole"] = Field(
         "cosine", description="cosine: warmup then cosine to min_lr_frac; constant: warmup then flat; cosine-whole: "
                               "the warmup ramp times one cosine over the whole run (the TinyStories stages')")
-    loss: Literal["lm", "answer"] = "answer"
+    loss: Literal["lm", "answer", "masked"] = Field(
+        "answer", description="lm: next-token loss; answer: the answer class at the readout; masked: next-token loss "
+                              "on the positions the batch marks (a capability file's answer tokens)")
     grad_clip: float | None = Field(1.0, gt=0)
     family: str | None = Field(None, description="None = the pretraining family mix")
     operand: str | None = Field(None, description="None = drawn from the operand prior")
@@ -133,8 +135,16 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parent: str | None = Field(None, description="run directory this stage starts from")
+    init: str | None = Field(None, description="a finished run directory whose weights a parentless stage starts "
+                                               "from (its model section must match), e.g. relearning on a capability "
+                                               "file")
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str | None) -> str | None:
+        return str(Path(v).resolve()) if v else v
 
     @field_validator("device")
     @classmethod
@@ -160,6 +170,8 @@ class RunConfig(BaseModel):
         bad = [s for s in self.eval.at if not 0 < s <= self.train.steps]
         if bad:
             raise ValueError(f"eval.at: steps must be in 1..train.steps={self.train.steps} (got {bad[0]})")
+        if self.init and self.parent:
+            raise ValueError("init: a stage starts from its parent or from init, not both")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
         if self.train.method == "lora" and self.stage in ("pretrain", "scratch"):
             raise ValueError(f"train.method: lora adapts a trained model; a {self.stage} run trains from scratch "
@@ -173,6 +185,8 @@ class RunConfig(BaseModel):
         d.pop("device")
         d.pop("threads")
         d.pop("parent")
+        if d["init"] is None:
+            d.pop("init")
         # fields added later are left out at their defaults, so earlier run ids stay valid
         if not d["eval"]["log_spaced"]:
             d["eval"].pop("log_spaced")

@@ -109,7 +109,8 @@ class AccuracyEvaluator(Evaluator):
 
 
 EVALUATIONS: dict[str, Callable] = {"accuracy": AccuracyEvaluator}
-EVALUATION_MODULES = ("wrapperlab.training.generation",)  # register further evaluations on import
+# modules that register further evaluations on import
+EVALUATION_MODULES = ("wrapperlab.training.generation", "wrapperlab.training.capability_eval")
 
 
 def make_evaluator(cfg, task: Task) -> Evaluator:

@@ -92,6 +92,11 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             task_cfg = validate({**raw, "model": {}}).task
             raw["model"] = fam.shape_from_task(task_cfg).model_dump(mode="json")
         cfg = validate(raw)
+    if cfg.init:  # the weights a parentless stage starts from must fit its model
+        init = parent_info(cfg.init)
+        if init["config"]["model"] != cfg.model.model_dump(mode="json"):
+            raise ConfigError(f"init: {cfg.init} holds a different model ({init['config']['model']}) than this "
+                              f"stage's ({cfg.model.model_dump(mode='json')})")
     if cfg.train.method == "lora":  # the targets must be linear maps of this family: checked on a weightless model
         from wrapperlab.training.lora import LoRAError, targets_of
 
@@ -131,10 +136,14 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
 
 
 def compute_loss(model: Transformer, task, tokens: torch.Tensor, answer: torch.Tensor, kind: str) -> torch.Tensor:
-    """Answer-only cross-entropy at the task's readout, or next-token loss (PCFG) ignoring PAD."""
+    """Answer-only cross-entropy at the task's readout, next-token loss on the positions the batch marks (``answer``
+    holds a target per input position, -100 where none), or next-token loss (PCFG) ignoring PAD."""
     if kind == "answer":
         logits = model(task.answer_inputs(tokens), positions=task.readout)
         return F.cross_entropy(logits, answer)
+    if kind == "masked":
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1), ignore_index=-100)
     pad_id = task.vocab.pad_id
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     logits = model(inp)
@@ -160,9 +169,11 @@ class Stage:
         pretrained = get_family(self.cfg.model.family).pretrained
         if self.parent is None and self.cfg.stage == "finetune" and pretrained is not None:
             model = pretrained(self.cfg.task, self.cfg.train.seed)  # e.g. a compiled program (paper App. C.1)
-        if self.parent is not None:
-            _, tensors = ck.load_tensors(self.cfg.parent, self.parent)
-            ck.load_model_state(model, ck.split_prefix(tensors, "model"), f"parent {self.cfg.parent}")
+        start = self.cfg.parent or self.cfg.init
+        if start is not None:
+            _, tensors = ck.load_tensors(start, self.parent)
+            what = f"{'parent' if self.parent else 'init'} {start}"
+            ck.load_model_state(model, ck.split_prefix(tensors, "model"), what)
         model.to(self.cfg.device)
         return model, make_optimizer(self._trainable(model), self.cfg), 0, []
 
