@@ -85,14 +85,17 @@ def revival_runs(cfg, s: RevivalSettings) -> tuple[list[RevivalRun], dict]:
         raise AnalysisError(f"lr: unknown name {lr!r}; use one of {', '.join(lrs)} or a number")
     steps = s.steps or preset_dict(cfg.preset, "reft")["train"]["steps"]
     every = s.every or max(1, steps // 10)
+    # every run here is a replicate of the fine-tuned run's seed: the baselines too (they have no parent to
+    # inherit it from), so each seed of a grid gets its own Scr.+FT and Scr. baselines
     recipe = {"lr": lr, "steps": steps, "eval.every": every, "eval.log_spaced": True, "family": fam,
-              "eval.n": cfg.eval.n, "eval.seed": cfg.eval.seed}
+              "eval.n": cfg.eval.n, "eval.seed": cfg.eval.seed, "seed": cfg.train.seed}
     base = {"preset": cfg.preset, "threads": s.threads, "device": cfg.device}
     shape = {"task": cfg.task.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     reft = RevivalRun("reft", "reft", "reft", recipe, base, "ft")
     runs = [reft]
     if "scr+ft" in s.baselines:
-        scr = {"family": fam, "operand": o_ft, **({"steps": s.scratch_steps} if s.scratch_steps else {})}
+        scr = {"family": fam, "operand": o_ft, "seed": cfg.train.seed,
+               **({"steps": s.scratch_steps} if s.scratch_steps else {})}
         runs.append(RevivalRun(f"scratch-{o_ft}", None, "scratch", scr, {**base, **shape}, None))
         runs.append(RevivalRun("scratch-ft", "scr+ft", "scratch+ft", recipe, base, f"scratch-{o_ft}"))
     if "scr" in s.baselines:

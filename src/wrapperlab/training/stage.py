@@ -53,7 +53,8 @@ def parent_info(parent: str | None) -> dict | None:
 def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict | None]:
     """Validate a raw config. A stage that starts from a trained model inherits the parent's model and task
     shapes; the user may change only the task keys its task kind lists in ``inherited_keys`` (an explicit attempt
-    to change the window, O' or the model is refused, since the weights could not fit).
+    to change the window, O' or the model is refused, since the weights could not fit). It also inherits the
+    parent's ``train.seed`` unless one is given, so every run derived from a seed-s run is a seed-s replicate.
 
     ``parent_side`` stands in for the parent's sidecar when the parent does not exist yet (the experiment
     planner resolves a whole DAG before anything trains); otherwise the sidecar is read from ``raw["parent"]``."""
@@ -73,6 +74,8 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
         raw["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
                                           if k in inherited and f"task.{k}" in explicit}}
         raw["model"] = pcfg["model"]
+        if "train.seed" not in explicit:  # a run derived from a seeded run is a replicate of that seed
+            raw["train"] = {**raw.get("train", {}), "seed": pcfg["train"]["seed"]}
         cfg = validate(raw)
         kind = get_task_kind(cfg.task.kind)
         allowed = kind.parent_stages.get(cfg.stage, ())
