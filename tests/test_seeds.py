@@ -2,6 +2,8 @@
 it) is itself a seed-s run unless its config names another seed, so a seed axis on the root runs of a spec gives N
 independent replicates of the whole experiment, baselines included."""
 
+import json
+
 from conftest import TINY, wl
 from test_experiments import tiny_spec
 
@@ -70,3 +72,42 @@ def test_seed_zero_children_keep_their_run_ids(tmp_path):
         spec["runs"][name]["set"]["seed"] = 0  # the preset default, given explicitly: no inheritance involved
     explicit = build_plan(parse_spec(spec), tmp_path / "b")
     assert sorted(n.run_id for n in inherited.runs()) == sorted(n.run_id for n in explicit.runs())
+
+
+def test_a_seeds_list_replicates_every_root_group_and_everything_below_it(tmp_path):
+    one = build_plan(parse_spec(_revival_spec()), tmp_path / "a")
+    spec = _revival_spec(seeds=[0, 3])
+    del spec["runs"]["pt"]["grid"]
+    both = build_plan(parse_spec(spec), tmp_path / "b")
+    # the spec's seed axis and `seeds:` plan the same runs and analyses
+    assert sorted(n.key for n in both.nodes.values()) == sorted(n.key for n in one.nodes.values())
+    assert {n.point["train.seed"] for n in both.runs("ft")} == {0, 3}
+
+
+def test_seeds_that_clash_with_a_seed_set_elsewhere_are_one_line(tmp_path):
+    from wrapperlab.experiments.spec import SpecError
+
+    for spec, needle in ((_revival_spec(seeds=[0, 1]), "runs.pt sets its own seed"),
+                         (tiny_spec(seeds=[1, 1]), "distinct"),
+                         (tiny_spec(seeds=[0, 1], defaults={"seed": 4}), "the defaults set a seed")):
+        try:
+            parse_spec(spec)
+        except SpecError as e:
+            assert needle in str(e)
+        else:
+            raise AssertionError(needle)
+
+
+def test_run_seeds_on_the_command_line(tmp_path):
+    import yaml
+    from conftest import one_line_error
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec()))
+    r = wl("run", str(spec), "--out", str(tmp_path / "s"), "--seeds", "2", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    r1 = wl("run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", "--json")
+    assert len(plan["nodes"]) == 2 * len(json.loads(r1.stdout)["nodes"])
+    one_line_error(wl("run", str(spec), "--out", str(tmp_path / "s"), "--seeds", "0"), "--seeds")
+    assert not (tmp_path / "s").exists()

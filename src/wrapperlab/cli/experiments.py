@@ -22,8 +22,25 @@ THREADS_OPT = typer.Option(1, "--threads", help="torch threads per worker (resul
                                                 "the same thread count)")
 
 
+SEEDS_OPT = typer.Option(None, "--seeds", help="replicates: run everything under seeds 0..N-1 (every root "
+                                                      "run gets the seed axis; derived runs and baselines inherit "
+                                                      "it); the claims then read 'k of N seeds'")
+
+
 def _log(m: str) -> None:
     err.print(m, highlight=False, markup=False)
+
+
+def with_seeds(spec, n: int | None):
+    """``spec`` replicated under seeds 0..n-1 (unchanged when n is None)."""
+    from wrapperlab.experiments.spec import parse_spec
+
+    if n is None:
+        return spec
+    if n < 1:
+        _fail(f"--seeds: the number of seeds is at least 1, got {n}")
+    with user_errors():
+        return parse_spec({**spec.model_dump(mode="json"), "seeds": list(range(n))}, "--seeds")
 
 
 def execute_spec(spec, out_dir: Path, workers: int, threads: int, executor: str, address: str | None,
@@ -67,6 +84,7 @@ def run_cmd(
                                                          "and stop"),
     as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object"),
     progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
+    seeds: int | None = SEEDS_OPT,
 ) -> None:
     """Plan an experiment spec as a DAG of runs and analyses, reuse what the store already holds, and run the
     rest. A run is identified by its resolved config plus its parent, so a shared pretraining run is computed
@@ -75,6 +93,7 @@ def run_cmd(
 
     with user_errors():
         spec = load_spec(spec_file)
+    spec = with_seeds(spec, seeds)
     with _interrupt_note(out_dir):
         res = execute_spec(spec, out_dir, workers, threads, executor, address, device, dry_run, progress)
     _print_outcome(res, as_json)
@@ -208,6 +227,7 @@ def reproduce_cmd(
     stories: bool = typer.Option(False, "--stories", help="also run the TinyStories protocol (`stories table`, "
                                                           "cpu preset, ~30 min on 2 cores) into OUT/stories; its "
                                                           "claims join the report"),
+    seeds: int | None = SEEDS_OPT,
 ) -> None:
     """Reproduce the paper: run the preset's experiment spec (runs, analyses), then write the HTML report and
     print the claims table. Interrupt it any time; the same command resumes."""
@@ -224,6 +244,7 @@ def reproduce_cmd(
 
     with user_errors():
         spec = parse_spec(yaml.safe_load(text), f"preset {preset}")
+    spec = with_seeds(spec, seeds)
     if stories and preset == "paper":
         _fail("--stories: the paper-scale TinyStories protocol needs real shards and a judge: run `wrapperlab "
               "stories table --preset paper --data SHARDS --judge JUDGE --out OUT/stories`")

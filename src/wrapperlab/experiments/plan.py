@@ -117,7 +117,7 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
             raise SpecError(f"runs.{name}.where: no run of group {g.parent!r} matches {g.where}")
         keys = by_group.setdefault(name, [])
         for pnode in parents:
-            for point in g.points():
+            for point in g.points(spec.seeds if g.parent is None else ()):
                 values = {**_defaults_for(spec.defaults, pnode), **g.set, **point}
                 values.setdefault("threads", threads)
                 values.setdefault("device", device)

@@ -21,6 +21,10 @@ A spec names groups of runs and the analyses to run on them::
       - {tool: prune, on: ft, where: {lr: S}}
       - {tool: verdict, on: ft, where: {lr: S}}
 
+``seeds: [0, 1, 2]`` replicates the whole experiment: every root group (one without a parent) gets that seed
+axis, and every run derived from a seeded run inherits its seed (fine-tunes, reFT, revival baselines), so each
+seed is an independent replicate with its own baselines.
+
 Grid and ``where`` keys are override keys (``lr``, ``c_train``, ``task.prior``, ``train.steps`` ...), so priors,
 learning rates, c_train, pretraining length and seeds are all grid axes. ``where`` matches a parent's grid
 point (its own keys and its ancestors'), comparing values as the override parser reads them. A bad spec fails
@@ -85,11 +89,13 @@ class RunGroup(BaseModel):
             out[k] = vals
         return out
 
-    def points(self) -> list[dict[str, Any]]:
-        """Every grid point as {canonical key: value}, in the order the YAML lists them."""
+    def points(self, seeds: list[int] = ()) -> list[dict[str, Any]]:
+        """Every grid point as {canonical key: value}, in the order the YAML lists them (with ``seeds``: each point
+        once per seed, seed first)."""
         keys = list(self.grid)
         combos = itertools.product(*(self.grid[k] for k in keys)) if keys else [()]
-        return [{_canon(k): _scalar(v) for k, v in zip(keys, combo)} for combo in combos]
+        points = [{_canon(k): _scalar(v) for k, v in zip(keys, combo)} for combo in combos]
+        return [{"train.seed": s, **p} for s in seeds for p in points] if seeds else points
 
 
 class AnalysisSpec(BaseModel):
@@ -116,6 +122,8 @@ class ExperimentSpec(BaseModel):
     name: str = Field("experiment", min_length=1)
     description: str = ""
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides applied to every run first")
+    seeds: list[int] = Field(default_factory=list, description="replicates: a seed axis on every root group "
+                                                               "(derived runs inherit their parent's seed)")
     runs: dict[str, RunGroup]
     analyses: list[AnalysisSpec] = Field(default_factory=list)
 
@@ -123,6 +131,14 @@ class ExperimentSpec(BaseModel):
     def _links(self) -> ExperimentSpec:
         if not self.runs:
             raise ValueError("runs: a spec needs at least one run group")
+        if self.seeds:
+            if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+                raise ValueError(f"seeds: distinct non-negative integers, got {self.seeds}")
+            if any(_canon(k) == "train.seed" for k in self.defaults):
+                raise ValueError("seeds: the defaults set a seed too; give one or the other")
+            for name, g in self.runs.items():
+                if g.parent is None and any(_canon(k) == "train.seed" for k in (*g.set, *g.grid)):
+                    raise ValueError(f"seeds: runs.{name} sets its own seed; give one or the other")
         names = list(self.runs)
         for name, g in self.runs.items():
             if g.parent is not None:
