@@ -26,6 +26,7 @@ from wrapperlab.report.claims import (
     claim_spurious,
     claim_tracr_attention,
     claim_wrapper,
+    claims_table,
 )
 from wrapperlab.training.presets import named_lrs
 
@@ -113,6 +114,37 @@ def test_tracr_attention_claim():
     assert claim_tracr_attention(Evidence([run("M", 0.0, 0.9, 0.0)]))["status"] == NOT_MEASURED  # η_M: no prediction
 
 
+def _seeded(run: RunRecord, seed: int) -> RunRecord:
+    run.side["config"]["train"]["seed"] = seed
+    return run
+
+
+def test_a_claim_on_several_seeds_is_judged_per_seed_and_counted():
+    """Each seed's runs alone give that seed's status; the row says on how many it reproduces, with the spread of
+    the numbers its cases measured (the planted K and accuracies)."""
+    def pruned(seed, accs):
+        return _seeded(pcfg_run("S", 1.0, results={"prune": prune_result(accs)}), seed)
+
+    rows = {c["id"]: c for c in claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8}), pruned(1, {0: 0.1, 5: 0.9}),
+                                                        pruned(2, {0: 0.1, 1: 0.2})]))}
+    c = rows["prune"]
+    assert (c["status"], c["reproduced_on"], c["seeds"]) == (PARTIAL, 2, [0, 1, 2])
+    assert c["per_seed"] == {"0": REPRODUCED, "1": REPRODUCED, "2": NOT_REPRODUCED}
+    assert c["spread"]["low prior ηS C_Tr=1"] == {"K": [1, 5], "O_PT pruned": [0.2, 0.9]}
+    assert "agrees on 2 of 3 seeds (K 1–5, O_PT pruned 20.0–90.0 %)" in c["evidence"]
+    assert rows["wrapper"]["status"] == NOT_MEASURED and rows["wrapper"]["reproduced_on"] == 0
+    every = claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8}), pruned(4, {0: 0.1, 3: 0.85})]))[1]
+    assert (every["status"], every["reproduced_on"]) == (REPRODUCED, 2)
+    none = claims_table(Evidence([pruned(0, {0: 0.1, 1: 0.2}), pruned(4, {0: 0.1, 3: 0.3})]))[1]
+    assert (none["status"], none["reproduced_on"]) == (NOT_REPRODUCED, 0)
+    # a seed that did not measure the claim does not count against it, and the row says so
+    gap = claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8}), _seeded(pcfg_run("S", 1.0), 4)]))[1]
+    assert gap["status"] == REPRODUCED and gap["per_seed"] == {"0": REPRODUCED, "4": NOT_MEASURED}
+    assert "not measured on seed 4" in gap["evidence"]
+    # one seed: the table is the single-seed table
+    assert claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8})]))[1]["status"] == REPRODUCED
+
+
 # ----------------------------------------------------------------------------- end to end on real stored results
 CAPABLE = {
     "name": "tiny-capable",
@@ -186,18 +218,15 @@ def test_report_of_a_single_run_and_bad_targets(store, tmp_path):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(
+    not CHROMIUM and not os.environ.get("WRAPPERLAB_REQUIRE_BROWSER"),
+    reason="Debian's chromium is not installed (CI installs it and sets WRAPPERLAB_REQUIRE_BROWSER)")
 
 
-@pytest.mark.skipif(not CHROMIUM and not os.environ.get("WRAPPERLAB_REQUIRE_BROWSER"),
-                    reason="Debian's chromium is not installed (CI installs it and sets WRAPPERLAB_REQUIRE_BROWSER)")
-def test_report_renders_in_headless_chromium(store, tmp_path):
+def _in_chromium(page_path: Path, **queries: str) -> tuple[dict, list[str], list[str]]:
+    """Open the page in headless chromium; (the value of each JavaScript query, problems seen, URLs requested)."""
     playwright = pytest.importorskip("playwright.sync_api") if not os.environ.get("WRAPPERLAB_REQUIRE_BROWSER") \
         else __import__("playwright.sync_api", fromlist=["sync_playwright"])
-    out = tmp_path / "html"
-    r = wl("report", str(store), "--out", str(out), "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    page_path = Path(res["path"])
     problems, requests = [], []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -212,12 +241,28 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
             page.on("request", lambda q: requests.append(q.url))
             page.goto(page_path.as_uri())
             page.wait_for_load_state("load")
-            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
-            claim_rows = page.evaluate("document.querySelectorAll('#claims tr').length")
-            statuses = page.evaluate("Array.from(document.querySelectorAll('#claims .status')).map(e => e.textContent)")
+            return {k: page.evaluate(q) for k, q in queries.items()}, problems, requests
         finally:
             browser.close()
+
+
+STATUSES = "Array.from(document.querySelectorAll('#claims .status')).map(e => e.textContent)"
+
+
+@needs_browser
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    out = tmp_path / "html"
+    r = wl("report", str(store), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    page_path = Path(res["path"])
+    got, problems, requests = _in_chromium(
+        page_path, images="Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])",
+        claim_rows="document.querySelectorAll('#claims tr').length", statuses=STATUSES,
+        seeds="document.getElementById('seeds').textContent")
+    images, claim_rows, statuses = got["images"], got["claim_rows"], got["statuses"]
     assert problems == []
+    assert got["seeds"].startswith("One seed (0)")
     assert len(images) == len(res["figures"]) >= 3  # Figs. 5-6, 7, 10 at least
     assert all(done and width > 0 for done, width, _ in images), images
     assert claim_rows == 1 + len(res["claims"])
@@ -226,3 +271,48 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     # the PNGs are also written beside the page
     assert all(Path(f).is_file() and Path(f).parent == out for f in res["figures"])
+
+
+@pytest.fixture(scope="module")
+def seeded_store(tmp_path_factory) -> Path:
+    """The same tiny grid replicated under seeds 0 and 1 (`seeds:` in the spec)."""
+    tmp = tmp_path_factory.mktemp("seeded")
+    spec = tmp / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**CAPABLE, "seeds": [0, 1]}, sort_keys=False))
+    r = wl("run", str(spec), "--out", str(tmp / "store"), "--no-progress", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return tmp / "store"
+
+
+def test_claims_on_two_seeds_count_the_seeds_and_follow_each_seeds_stored_results(seeded_store, tmp_path):
+    before = _claims(seeded_store, tmp_path / "r1")
+    for c in before.values():
+        assert c["seeds"] == [0, 1] and set(c["per_seed"]) == {"0", "1"}
+    w = before["wrapper"]
+    assert w["per_seed"]["0"] in (REPRODUCED, NOT_REPRODUCED) and w["per_seed"]["1"] in (REPRODUCED, NOT_REPRODUCED)
+    # flip seed 1's stored verdict: only seed 1's status moves, and the count with it
+    (vfile,) = [f for f in seeded_store.glob("runs/finetune-*/analysis/verdict-*.json")
+                if json.loads((f.parent.parent / "checkpoint.json").read_text())["config"]["train"]["seed"] == 1]
+    d = json.loads(vfile.read_text())
+    d["meta"]["verdict"] = "deletion" if w["per_seed"]["1"] == REPRODUCED else "wrapper"
+    vfile.write_text(json.dumps(d))
+    after = _claims(seeded_store, tmp_path / "r2")["wrapper"]
+    assert after["per_seed"]["0"] == w["per_seed"]["0"] and after["per_seed"]["1"] != w["per_seed"]["1"]
+    assert after["reproduced_on"] == w["reproduced_on"] + (1 if after["per_seed"]["1"] == REPRODUCED else -1)
+    r = wl("report", str(seeded_store), "--out", str(tmp_path / "r3"))
+    assert r.returncode == 0 and f"{after['reproduced_on']} of 2 seeds" in r.stdout
+
+
+@needs_browser
+def test_a_report_on_two_seeds_renders_the_seed_counts(seeded_store, tmp_path):
+    r = wl("report", str(seeded_store), "--out", str(tmp_path / "html"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    got, problems, _ = _in_chromium(Path(res["path"]), statuses=STATUSES,
+                                    counts="Array.from(document.querySelectorAll('#claims tr')).slice(1).map("
+                                           "tr => (tr.querySelector('.seeds') || {textContent: ''}).textContent)",
+                                    seeds="document.getElementById('seeds').textContent")
+    assert problems == []
+    assert got["statuses"] == [c["status"] for c in res["claims"]]
+    assert got["counts"] == [f"{c['reproduced_on']} of 2 seeds" for c in res["claims"]]
+    assert got["seeds"].startswith("Seeds: 0, 1")

@@ -206,7 +206,10 @@ def report_cmd(
 
 
 def print_claims(claims: list[dict]) -> None:
-    print_rows([{**c, "evidence": c["evidence"][:160] + ("…" if len(c["evidence"]) > 160 else "")} for c in claims],
+    from wrapperlab.report.build import seeds_note
+
+    print_rows([{**c, "status": c["status"] + (f" ({seeds_note(c)})" if seeds_note(c) else ""),
+                 "evidence": c["evidence"][:160] + ("…" if len(c["evidence"]) > 160 else "")} for c in claims],
                {"id": "claim", "status": "status", "paper": "paper", "evidence": "measured here"},
                "claims of the paper, checked against stored results")
 

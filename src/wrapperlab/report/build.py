@@ -16,7 +16,15 @@ import json
 from pathlib import Path
 
 from wrapperlab.report import figures
-from wrapperlab.report.claims import NOT_MEASURED, NOT_REPRODUCED, PARTIAL, REPRODUCED, Evidence, claims_table
+from wrapperlab.report.claims import (
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    PARTIAL,
+    REPRODUCED,
+    SEED_RULE,
+    Evidence,
+    claims_table,
+)
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.checkpoint import atomic_write_text
 
@@ -56,14 +64,22 @@ def _table(rows: list[dict], cols: dict[str, str], num: set[str] = frozenset()) 
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def seeds_note(c: dict) -> str:
+    """"k of N seeds" for a claim judged on several seeds, else ""."""
+    n = len(c.get("seeds", ()))
+    return f"{c.get('reproduced_on', 0)} of {n} seeds" if n > 1 else ""
+
+
 def _claims_html(claims: list[dict]) -> str:
     rows = []
     for c in claims:
         colour = _COLOURS[c["status"]]
+        note = seeds_note(c)
         rows.append(f"<tr><td>{html.escape(c['claim'])}<br><span class=muted>{html.escape(c['where'])}</span></td>"
                     f"<td>{html.escape(c['paper'])}</td><td>{html.escape(c['evidence'])}"
                     f"{'<br><span class=muted>rule: ' + html.escape(c['rule']) + '</span>' if c['rule'] else ''}</td>"
-                    f"<td><span class=status style='background:{colour}'>{html.escape(c['status'])}</span></td></tr>")
+                    f"<td><span class=status style='background:{colour}'>{html.escape(c['status'])}</span>"
+                    f"{'<br><span class=seeds>' + note + '</span>' if note else ''}</td></tr>")
     return ("<table id=claims><tr><th>claim</th><th>paper</th><th>measured here</th><th>status</th></tr>"
             + "".join(rows) + "</table>")
 
@@ -96,11 +112,16 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
     out.mkdir(parents=True, exist_ok=True)
     ev = Evidence.from_dirs(dirs)
     claims = claims_table(ev)
+    seeds = ev.seeds()
+    seed_txt = (f"Seeds: {', '.join(map(str, seeds))} — each claim is judged on every seed's runs alone; the status "
+                f"across seeds follows the rule: {SEED_RULE}." if len(seeds) > 1
+                else f"One seed ({seeds[0]}): every number below comes from a single training seed." if seeds else "")
     parts = [f"<h1>{html.escape(title or 'wrapperlab report')}</h1>",
              f"<p>Evidence from {html.escape(what)}: {len(ev.runs)} finished runs. Generated "
              f"{dt.datetime.now().isoformat(timespec='seconds')}. Paper: Jain et al., ICLR 2024, "
              f"<a href='https://arxiv.org/abs/2311.12786'>arXiv 2311.12786</a>. Statuses are computed from the stored "
-             f"results by the rule under each row.</p>", "<h2>Claims</h2>", _claims_html(claims)]
+             f"results by the rule under each row.</p>", f"<p id=seeds>{html.escape(seed_txt)}</p>", "<h2>Claims</h2>",
+             _claims_html(claims)]
     figs: list[Path] = []
     parts += _figures(ev, out, figs)
     parts += _tables(ev)

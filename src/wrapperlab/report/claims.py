@@ -47,6 +47,10 @@ class RunRecord:
         return self.side["config"]
 
     @property
+    def seed(self) -> int:
+        return int(self.cfg.get("train", {}).get("seed", 0))
+
+    @property
     def kind(self) -> str:
         return self.cfg.get("task", {}).get("kind", "pcfg")
 
@@ -109,6 +113,13 @@ class Evidence:
             recs.append(rec)
         return cls(recs)
 
+    def seeds(self) -> list[int]:
+        """The training seeds of the runs (a run derived from a seeded run carries its seed)."""
+        return sorted({r.seed for r in self.runs})
+
+    def only_seed(self, seed: int) -> Evidence:
+        return Evidence([r for r in self.runs if r.seed == seed])
+
     def finetunes(self, tracr: bool = False, **match) -> list[RunRecord]:
         out = []
         for r in self.runs:
@@ -125,14 +136,18 @@ def _status(oks: list[bool]) -> str:
     return REPRODUCED if all(oks) else PARTIAL if any(oks) else NOT_REPRODUCED
 
 
-def _claim(cid: str, claim: str, paper: str, where: str, cases: list[tuple[str, bool]], missing: str,
+def _claim(cid: str, claim: str, paper: str, where: str, cases: list[tuple], missing: str,
            rule: str, excluded: list[str] = ()) -> dict:
-    status = _status([ok for _, ok in cases])
-    evidence = "; ".join(f"{txt} [{'agrees' if ok else 'disagrees'}]" for txt, ok in cases) or missing
+    """One row. A case is ``(text, agrees)`` or ``(text, agrees, {measured name: number})``; its text starts with
+    the setting it was measured in (``"<setting>: ..."``), which is how one case is found again on every seed."""
+    details = [{"setting": c[0].split(": ", 1)[0], "text": c[0], "ok": bool(c[1]),
+                "values": {k: v for k, v in (c[2] if len(c) > 2 else {}).items() if v is not None}} for c in cases]
+    status = _status([d["ok"] for d in details])
+    evidence = "; ".join(f"{d['text']} [{'agrees' if d['ok'] else 'disagrees'}]" for d in details) or missing
     if excluded:
         evidence += " | not counted: " + "; ".join(excluded)
     return {"id": cid, "claim": claim, "paper": paper, "where": where, "evidence": evidence, "rule": rule,
-            "status": status, "cases": len(cases)}
+            "status": status, "cases": len(cases), "details": details}
 
 
 def _pct(x: float | None) -> str:
@@ -180,7 +195,7 @@ def claim_prune(ev: Evidence) -> dict:
         ok, f = hit
         base, best = f["base"], f["best"]
         cases.append((f"{r.tag()}: O_PT {_pct(base['acc'])} → {_pct(best['acc'])} at K={best['k']} "
-                      f"(majority {_pct(best['majority'])})", ok))
+                      f"(majority {_pct(best['majority'])})", ok, {"K": best["k"], "O_PT pruned": best["acc"]}))
     return _claim("prune", "Pruning a few neurons (K ≤ 15) of a small-LR fine-tuned model revives the pretraining "
                   "capability", "O_PT accuracy recovers after pruning 5–15 neurons (Fig. 7)", "paper §5, Fig. 7",
                   cases, "no pruning result stored for a low-prior η_M/η_S fine-tune (analysis `prune`)",
@@ -198,7 +213,7 @@ def claim_probe(ev: Evidence) -> dict:
         me, pre, ctl = f["me"], f["pretrained"], f["control"]
         cases.append((f"{r.tag()}: best-layer O_PT probe {_pct(me['acc'])} ({me['best_layer']}) vs pretrained "
                       f"{_pct(pre['acc'])}, random init {_pct(ctl['acc'])}; behaviour {_pct(r.acc('o_pt', 0.0))}",
-                      ok))
+                      ok, {"probe": me["acc"]}))
     return _claim("probe", "The pretraining capability stays linearly readable after fine-tuning",
                   "count of O_PT decodable with a trend like the pretrained model's; drop only at η_M, low prior "
                   "(Fig. 8)", "paper §5, Fig. 8", cases, "no probe result stored (analysis `probe`)",
@@ -218,7 +233,8 @@ def claim_revival(ev: Evidence) -> dict:
         rs, bs = re_["steps_to_target"], base["steps_to_target"]
         cases.append((f"{r.tag()}: reFT reaches {_pct(re_['target'])} O_PT in "
                       f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
-                      f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok))
+                      f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok,
+                      {"reFT steps": rs} if rs is not None else {}))
     return _claim("revival", "Reverse fine-tuning revives the pretraining capability much faster than training the "
                   "same steps from a model that never had it (Scr.+FT)",
                   "L prior ~3K iterations, H/M 0.1–1K; Scr.+FT 4.5K (Fig. 9)", "paper §5, Fig. 9", cases,
@@ -235,11 +251,11 @@ def claim_spurious(ev: Evidence) -> dict:
             if ft1 is None or fs is None:
                 continue
             cases.append((f"{r.tag()}: O_FT {_pct(ft1)} at C_Te=1, {_pct(ft0)} at C_Te=0 with {_pct(fs)} of answers "
-                          f"= count(a)+1", ft1 >= 0.9 and fs >= 0.8))
+                          f"= count(a)+1", ft1 >= 0.9 and fs >= 0.8, {"O_FT C_Te=1": ft1, "follows count(a)+1": fs}))
         elif r.c_train == 0.0 and r.eta in ("L", "M") and r.prior in ("low", "medium", "high"):
             if ft0 is None:
                 continue
-            cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0", ft0 >= 0.9))
+            cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0", ft0 >= 0.9, {"O_FT": ft0}))
     return _claim("spurious", "With fully correlated data (C_Tr = 1) fine-tuning learns the spurious rule "
                   "count(a) + 1 instead of the task; without correlation (η_L/η_M) it learns the task",
                   "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "paper Table 5",
@@ -259,7 +275,7 @@ def claim_prior(ev: Evidence) -> dict:
             if a_hi is None or a_lo is None:
                 continue
             cases.append((f"η{hi.eta} C_Tr={hi.c_train:g}: O_PT after FT {_pct(a_hi)} ({hi.prior}) vs {_pct(a_lo)} "
-                          f"(low)", a_hi >= a_lo))
+                          f"(low)", a_hi >= a_lo, {f"O_PT {hi.prior}": a_hi, "O_PT low": a_lo}))
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
                   "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
@@ -274,10 +290,11 @@ def claim_tracr_attention(ev: Evidence) -> dict:
             continue
         a, b = sig.rows[0]["attn_a"], sig.rows[0]["attn_b"]
         if r.eta == "L" and r.c_train == 0.0:
-            cases.append((f"{r.tag()}: block-1 mass on a {a:.2f}, on b {b:.2f} (expected: moves to b)", b > a))
+            cases.append((f"{r.tag()}: block-1 mass on a {a:.2f}, on b {b:.2f} (expected: moves to b)", b > a,
+                          {"mass a": a, "mass b": b}))
         elif r.eta in ("S", "VS"):
             cases.append((f"{r.tag()}: block-1 mass on a {a:.2f}, on b {b:.2f} (expected: stays on a)",
-                           a >= 0.5 and b < 0.1))
+                           a >= 0.5 and b < 0.1, {"mass a": a, "mass b": b}))
     return _claim("tracr-attention", "Fine-tuning the compiled Counter leaves its block-1 head attending to `a`, "
                   "except with the large LR and uncorrelated data", "attention stays on a except at the larger LR "
                   "with C_Tr = 0 (Fig. 10); η_M excluded: App. G says η_M learns b while still attending to a",
@@ -297,10 +314,12 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
         ft0 = r.acc("o_ft", 0.0)
         shown = "n/a" if intact is None else f"{intact:.2f}"
         cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0, sorting head intact {shown}",
-                      ft0 is not None and ft0 >= 0.8 and (intact is None or intact >= 0.8)))
+                      ft0 is not None and ft0 >= 0.8 and (intact is None or intact >= 0.8),
+                      {"O_FT": ft0} if ft0 is not None else {}))
     for r in others:
         ft0 = r.acc("o_ft", 0.0)
-        cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0 (expected: below 80 %)", ft0 is not None and ft0 < 0.8))
+        cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0 (expected: below 80 %)", ft0 is not None and ft0 < 0.8,
+                      {"O_FT": ft0} if ft0 is not None else {}))
     return _claim("tracr-maxid", "Only the very small LR fine-tunes Max-identifier well (and keeps its sorting head)",
                   "η_VS: O_FT 82–93 %; η_M/η_S below (App. G, Table 3; the table's η_L rows reach ~99 % at C_Te=0, "
                   "against the text, so η_L is left out)", "paper App. G", cases,
@@ -349,7 +368,7 @@ def claim_tinystories(ev: Evidence) -> dict:
             cases.append((f"{kind} (deletion lr {lr:g}): Twist in {_pct(s0)} of generations "
                           f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); loss on "
                           f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})",
-                          s1 > c_first and loss < c_loss))
+                          s1 > c_first and loss < c_loss, {"Twist rate": s1, "loss": loss, "control loss": c_loss}))
     return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: reFT on "
                   "Twist stories revives it faster than a model that never saw Twist learns it",
                   "after 30 reFT steps 44–88 % of generations have a twist vs 31 % for the not-in-pretraining "
@@ -379,7 +398,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
         ok = a >= p - STORY_PROBE_TOLERANCE and a > c
         kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
         cases.append((f"{kind} (lr {lr:g}): Twist probe {_pct(a)} (mean over blocks) vs "
-                      f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok))
+                      f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok, {"probe": a}))
     return _claim("tinystories-probe", "After deletion fine-tuning, Twist stays linearly readable in the residual "
                   "stream", "Twist probe accuracy barely reduced vs the pretrained model, far above the "
                   "not-in-pretraining model (Fig. 11a)", "paper Fig. 11a", cases,
@@ -392,5 +411,66 @@ CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious
           claim_tracr_attention, claim_tracr_maxid, claim_tinystories, claim_tinystories_probe)
 
 
+SEED_RULE = ("over the seeds that measured the claim: reproduced when it reproduces on every one, not reproduced "
+             "when it reproduces on none (not even partly), partial otherwise")
+
+
 def claims_table(ev: Evidence) -> list[dict]:
-    return [c(ev) for c in CLAIMS]
+    """Every claim; with runs of several seeds, each claim is judged on every seed's runs alone and the row says
+    on how many seeds it reproduces (``SEED_RULE``), with the spread of each measured number across seeds."""
+    seeds = ev.seeds()
+    if len(seeds) <= 1:
+        return [{**row, "seeds": seeds, "per_seed": {str(s): row["status"] for s in seeds}}
+                for row in (c(ev) for c in CLAIMS)]
+    return [across_seeds({s: c(ev.only_seed(s)) for s in seeds}) for c in CLAIMS]
+
+
+PLAIN = {"K", "reFT steps", "loss", "control loss", "mass a", "mass b"}  # the other measured numbers are rates
+
+
+def _spread(name: str, vals: list[float]) -> str:
+    lo, hi = min(vals), max(vals)
+    fmt = (lambda v: f"{v:.3g}") if name in PLAIN else (lambda v: f"{100 * v:.1f}")
+    unit = "" if name in PLAIN else " %"
+    return f"{fmt(lo)}{unit}" if lo == hi else f"{fmt(lo)}–{fmt(hi)}{unit}"
+
+
+def across_seeds(per: dict[int, dict]) -> dict:
+    """One claim's rows on each seed combined: the status by ``SEED_RULE``, "k of N seeds", and per setting on how
+    many seeds it agreed and the min–max of every number measured there."""
+    seeds = sorted(per)
+    first = per[seeds[0]]
+    measured = [s for s in seeds if per[s]["status"] != NOT_MEASURED]
+    k = sum(per[s]["status"] == REPRODUCED for s in measured)
+    if not measured:
+        status = NOT_MEASURED
+    elif k == len(measured):
+        status = REPRODUCED
+    elif all(per[s]["status"] == NOT_REPRODUCED for s in measured):
+        status = NOT_REPRODUCED
+    else:
+        status = PARTIAL
+    settings: dict[str, list[tuple[int, dict]]] = {}
+    for s in seeds:
+        for d in per[s]["details"]:
+            settings.setdefault(d["setting"], []).append((s, d))
+    parts, spreads = [], {}
+    for setting, hits in settings.items():
+        agree = sum(d["ok"] for _, d in hits)
+        names = dict.fromkeys(n for _, d in hits for n in d["values"])
+        ranges = {n: [d["values"][n] for _, d in hits if n in d["values"]] for n in names}
+        spreads[setting] = {n: [min(v), max(v)] for n, v in ranges.items()}
+        txt = ", ".join(f"{n} {_spread(n, v)}" for n, v in ranges.items())
+        parts.append(f"{setting}: agrees on {agree} of {len(hits)} seeds" + (f" ({txt})" if txt else ""))
+    not_measured = [s for s in seeds if s not in measured]
+    head = f"{k} of {len(seeds)} seeds reproduce (" + ", ".join(f"seed {s}: {per[s]['status']}" for s in seeds) + ")"
+    evidence = head + ("; " + "; ".join(parts) if parts else "")
+    if not measured:
+        evidence = f"{first['evidence']} (on none of seeds {', '.join(map(str, seeds))})"
+    elif not_measured:
+        evidence += f" | not measured on seed {', '.join(map(str, not_measured))}"
+    return {**{k_: v for k_, v in first.items() if k_ not in ("evidence", "status", "cases", "details")},
+            "rule": f"{first['rule']}; across seeds: {SEED_RULE}", "status": status, "evidence": evidence,
+            "cases": sum(per[s]["cases"] for s in seeds), "seeds": seeds, "reproduced_on": k,
+            "per_seed": {str(s): per[s]["status"] for s in seeds}, "spread": spreads,
+            "details": [d | {"seed": s} for s in seeds for d in per[s]["details"]]}
