@@ -21,6 +21,7 @@ from wrapperlab.report.claims import (
     REPRODUCED,
     Evidence,
     RunRecord,
+    claim_prior,
     claim_prune,
     claim_revival,
     claim_spurious,
@@ -112,6 +113,22 @@ def test_tracr_attention_claim():
         REPRODUCED
     assert claim_tracr_attention(Evidence([run("S", 0.0, 0.7, 0.0), run("L", 0.0, 0.9, 0.0)]))["status"] == PARTIAL
     assert claim_tracr_attention(Evidence([run("M", 0.0, 0.9, 0.0)]))["status"] == NOT_MEASURED  # η_M: no prediction
+
+
+def test_prior_claim_compares_priors_and_reads_the_high_prior_verdict():
+    verdict = lambda label: Result("verdict", [], {"verdict": label, "why": "test"})  # noqa: E731
+    low = pcfg_run("M", 1.0, post_a=0.05)
+    kept = pcfg_run("M", 1.0, post_a=0.95, prior="high", results={"verdict": verdict("unchanged")})
+    assert claim_prior(Evidence([low, kept]))["status"] == REPRODUCED
+    assert claim_prior(Evidence([low, pcfg_run("M", 1.0, post_a=0.95, prior="high",
+                                               results={"verdict": verdict("wrapper")})]))["status"] == PARTIAL
+    assert claim_prior(Evidence([low, pcfg_run("M", 1.0, post_a=0.01, prior="high",
+                                               results={"verdict": verdict("deletion")})]))["status"] == NOT_REPRODUCED
+    assert claim_prior(Evidence([low]))["status"] == NOT_MEASURED
+    # a high-prior model that never counted a says nothing about keeping it
+    unable = claim_prior(Evidence([pcfg_run("S", 0.0, pre_a=0.4, post_a=0.4, prior="high",
+                                            results={"verdict": verdict("unchanged")})]))
+    assert unable["status"] == NOT_MEASURED and "not counted" in unable["evidence"]
 
 
 def _seeded(run: RunRecord, seed: int) -> RunRecord:

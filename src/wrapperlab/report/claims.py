@@ -12,7 +12,8 @@ Claims (paper §5 and its appendices; the section and figure are in each row):
 - revival: reFT revives the capability faster than Scr.+FT (Fig. 9).
 - spurious: with C_Tr = 1 the model learns the spurious rule count(a) + 1; with C_Tr = 0 at a large enough LR it
   learns the task (Table 5).
-- prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6).
+- prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6), and the high-prior
+  fine-tune keeps the PT behaviour (amplification of a relevant capability, not a wrapper).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
 - tinystories: deleting Twist by fine-tuning only hides it: reFT revives it faster than the control learns it
@@ -267,6 +268,11 @@ def claim_spurious(ev: Evidence) -> dict:
 def claim_prior(ev: Evidence) -> dict:
     cases = []
     fts = ev.finetunes()
+    capable, excluded = _capable(ev, "verdict", prior="high")
+    for hi in capable:
+        label = hi.results["verdict"].meta.get("verdict")
+        cases.append((f"{hi.tag()}: verdict {label} ({hi.results['verdict'].meta.get('why')})",
+                      label in ("amplification", "unchanged")))
     for hi in (r for r in fts if r.prior in ("high", "medium")):
         lows = [r for r in fts if r.prior == "low" and r.eta == hi.eta and r.c_train == hi.c_train
                 and r.family == hi.family]
@@ -279,7 +285,9 @@ def claim_prior(ev: Evidence) -> dict:
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
                   "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
-                  "(`wrapperlab reproduce --preset full`)", "O_PT after FT is at least as high with the higher prior")
+                  "(`wrapperlab reproduce`)", "O_PT after FT is at least as high with the higher prior; a "
+                  "high-prior fine-tune's verdict keeps the PT behaviour (amplification, or unchanged when the "
+                  "pretrained model already counts O_FT), not a wrapper or deletion", excluded)
 
 
 def claim_tracr_attention(ev: Evidence) -> dict:
