@@ -201,7 +201,7 @@ def _claims(store: Path, out: Path) -> dict:
 def test_claims_are_computed_from_stored_results(store, tmp_path):
     before = _claims(store, tmp_path / "r1")
     assert set(before) == {"wrapper", "prune", "probe", "revival", "spurious", "prior", "tracr-attention",
-                           "tracr-maxid", "tinystories", "tinystories-probe"}
+                           "tracr-maxid", "tracr-revival", "tinystories", "tinystories-probe"}
     assert before["tinystories"]["status"] == before["tinystories-probe"]["status"] == NOT_MEASURED
     assert before["wrapper"]["status"] in (REPRODUCED, NOT_REPRODUCED)  # the pretrained model counts: measured
     # edit the stored verdict: the claim's status follows
@@ -333,3 +333,26 @@ def test_a_report_on_two_seeds_renders_the_seed_counts(seeded_store, tmp_path):
     assert got["statuses"] == [c["status"] for c in res["claims"]]
     assert got["counts"] == [f"{c['reproduced_on']} of 2 seeds" for c in res["claims"]]
     assert got["seeds"].startswith("Seeds: 0, 1")
+
+
+def test_tracr_revival_claim_reads_the_stored_revival_of_an_eta_m_counter(tmp_path):
+    """The Table 4 analog on a tiny store: reFT and Scr.+FT really train; then editing the stored summary moves the
+    claim (the rule is the revival rule: reFT within half the baseline's steps)."""
+    spec = {"name": "tracr-revival", "runs": {"counter": {
+        "stage": "finetune", "preset": "tracr-cpu",
+        "set": {"task.program": "counter", "steps": 10, "eval.every": 10, "eval.n": 40, "batch_size": 8,
+                "threads": 1}, "grid": {"lr": ["M"], "c_train": [1]}}},
+        "analyses": [{"tool": "revival", "on": "counter",
+                      "settings": {"steps": 10, "scratch_steps": 10, "baselines": ["scr+ft"]}}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = wl("run", str(path), "--out", str(tmp_path / "store"), "--no-progress", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    (rfile,) = list((tmp_path / "store").glob("runs/finetune-*/analysis/revival-*.json"))
+    assert _claims(tmp_path / "store", tmp_path / "r0")["tracr-revival"]["status"] != NOT_MEASURED
+    d = json.loads(rfile.read_text())
+    summary = {s["curve"]: s for s in d["tables"]["summary"]}
+    for reft, expected in ((3, REPRODUCED), (None, NOT_REPRODUCED)):
+        summary["reft"]["steps_to_target"], summary["scr+ft"]["steps_to_target"] = reft, None
+        rfile.write_text(json.dumps(d))
+        assert _claims(tmp_path / "store", tmp_path / f"r{reft}")["tracr-revival"]["status"] == expected

@@ -16,6 +16,7 @@ Claims (paper §5 and its appendices; the section and figure are in each row):
   fine-tune keeps the PT behaviour (amplification of a relevant capability, not a wrapper).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
+- tracr-revival: reFT of the Counter after η_M fine-tuning revives counting `a` faster than Scr.+FT (Table 4).
 - tinystories: deleting Twist by fine-tuning only hides it: reFT revives it faster than the control learns it
   (Table 1, Fig. 11b).
 - tinystories-probe: Twist stays linearly readable after deletion (Fig. 11a).
@@ -335,6 +336,28 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
                   "η_M/η_S: O_FT < 80 %")
 
 
+def claim_tracr_revival(ev: Evidence) -> dict:
+    cases = []
+    for r in ev.finetunes(tracr=True, eta="M"):
+        res = r.results.get("revival")
+        if r.cfg["task"]["program"] != "counter" or res is None or (hit := revival_check(res, TH)) is None:
+            continue
+        ok, f = hit
+        re_, base = f["reft"], f["baseline"]
+        rs, bs = re_["steps_to_target"], base["steps_to_target"]
+        cases.append((f"{r.tag()}: reFT reaches {_pct(re_['target'])} O_PT in "
+                      f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
+                      f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok,
+                      {"reFT steps": rs} if rs is not None else {}))
+    return _claim("tracr-revival", "Reverse fine-tuning the compiled Counter after η_M fine-tuning revives counting "
+                  "`a` faster than training a model that never counted it (Scr.+FT)",
+                  "reFT after η_M restores O_PT accuracy at most C_Tr (Table 4; its columns are ambiguous in the "
+                  "source, so the rule is the PCFG revival rule)", "paper App. G, Table 4", cases,
+                  "no revival of an η_M Counter fine-tune stored (`wrapperlab reproduce --preset full`)",
+                  f"reFT reaches 90 % of the compiled program's O_PT accuracy in ≤ {TH.revival_ratio:g} × "
+                  f"Scr.+FT's steps")
+
+
 def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
     """TinyStories runs (task kind ``story``) by run id."""
     return {r.side["run_id"]: r for r in ev.runs if r.kind == "story"}
@@ -416,7 +439,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
 
 
 CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior,
-          claim_tracr_attention, claim_tracr_maxid, claim_tinystories, claim_tinystories_probe)
+          claim_tracr_attention, claim_tracr_maxid, claim_tracr_revival, claim_tinystories, claim_tinystories_probe)
 
 
 SEED_RULE = ("over the seeds that measured the claim: reproduced when it reproduces on every one, not reproduced "
