@@ -328,9 +328,13 @@ def test_a_report_on_two_seeds_renders_the_seed_counts(seeded_store, tmp_path):
     got, problems, _ = _in_chromium(Path(res["path"]), statuses=STATUSES,
                                     counts="Array.from(document.querySelectorAll('#claims tr')).slice(1).map("
                                            "tr => (tr.querySelector('.seeds') || {textContent: ''}).textContent)",
-                                    seeds="document.getElementById('seeds').textContent")
+                                    seeds="document.getElementById('seeds').textContent",
+                                    captions="Array.from(document.querySelectorAll('figcaption'))"
+                                             ".map(e => e.textContent)")
     assert problems == []
     assert got["statuses"] == [c["status"] for c in res["claims"]]
+    for seed in (0, 1):  # every seed's runs are drawn, each figure naming its seed
+        assert any(f"seed {seed}" in c and "Fig. 7" in c for c in got["captions"]), got["captions"]
     assert got["counts"] == [f"{c['reproduced_on']} of 2 seeds" for c in res["claims"]]
     assert got["seeds"].startswith("Seeds: 0, 1")
 

@@ -127,10 +127,11 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
     parts += _tables(ev)
     parts.append("<h2>Runs</h2>")
     parts.append(_table([{"tag": r.tag() if r.side.get("stage") == "finetune" else r.side.get("stage"),
-                          "stage": r.side.get("stage"), "id": r.side.get("run_id"), "dir": r.run_dir.name,
+                          "stage": r.side.get("stage"), "seed": r.seed, "id": r.side.get("run_id"),
+                          "dir": r.run_dir.name,
                           "wall": r.side.get("wall_s"), "analyses": ", ".join(sorted(r.results))}
                          for r in ev.runs],
-                        {"stage": "stage", "tag": "setting", "id": "run id", "dir": "directory",
+                        {"stage": "stage", "tag": "setting", "seed": "seed", "id": "run id", "dir": "directory",
                          "wall": "wall s", "analyses": "analyses"}, {"wall"}))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title or 'wrapperlab')}"
             f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
@@ -142,6 +143,11 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
 
 def _figures(ev: Evidence, out: Path, figs: list[Path]) -> list[str]:
     parts = ["<h2>Figures</h2>"]
+    several = len(ev.seeds()) > 1
+
+    def tag(r) -> str:  # every seed's run is drawn, so with several seeds each label names its seed
+        return f"{r.tag()} seed {r.seed}" if several else r.tag()
+
     pcfg = ev.finetunes()
     if pcfg:
         curves = []
@@ -151,7 +157,7 @@ def _figures(ev: Evidence, out: Path, figs: list[Path]) -> list[str]:
                 op = r.cfg["task"][key]
                 rows += [{"step": m["step"], "operand_key": key, "c_test": m["c_test"], "acc": m["acc"]}
                          for m in r.side["metrics"] if m["family"] == r.family and m["operand"] == op]
-            curves.append({"label": r.tag(), "rows": rows})
+            curves.append({"label": tag(r), "rows": rows})
         p = figures.plot_ft_grid(curves, out / "fig5-6_finetuning.png", "fine-tuning: O_FT (top) and O_PT (bottom)")
         figs.append(p)
         parts.append(_img(p, "Figs. 5–6 analog: accuracy on O_FT and O_PT against fine-tuning iterations"))
@@ -160,25 +166,26 @@ def _figures(ev: Evidence, out: Path, figs: list[Path]) -> list[str]:
         res = r.results.get("prune")
         if res is not None:
             p = figures.plot_prune(res.rows, res.tables.get("histogram", []), out / f"fig7_prune_{name}.png",
-                                   f"pruning: {r.tag()}")
+                                   f"pruning: {tag(r)}")
             figs.append(p)
-            parts.append(_img(p, f"Fig. 7 analog: accuracy after pruning the top-K neurons — {r.tag()}"))
+            parts.append(_img(p, f"Fig. 7 analog: accuracy after pruning the top-K neurons — {tag(r)}"))
         res = r.results.get("probe")
         if res is not None:
-            p = figures.plot_probe(res.rows, out / f"fig8_probe_{name}.png", f"probes: {r.tag()}")
+            p = figures.plot_probe(res.rows, out / f"fig8_probe_{name}.png", f"probes: {tag(r)}")
             figs.append(p)
-            parts.append(_img(p, f"Fig. 8 analog: linear probe accuracy per block — {r.tag()}"))
+            parts.append(_img(p, f"Fig. 8 analog: linear probe accuracy per block — {tag(r)}"))
         res = r.results.get("revival")
         if res is not None:
             p = figures.plot_revival(res.rows, res.meta.get("target", 0.0), out / f"fig9_revival_{name}.png",
-                                     f"revival: {r.tag()}")
+                                     f"revival: {tag(r)}")
             figs.append(p)
-            parts.append(_img(p, f"Fig. 9 analog: reverse fine-tuning against Scr.+FT — {r.tag()}"))
+            parts.append(_img(p, f"Fig. 9 analog: reverse fine-tuning against Scr.+FT — {tag(r)}"))
     sig_rows = []
     for r in ev.finetunes(tracr=True):
         res = r.results.get("attention_signature")
         if res is not None and res.rows:
-            sig_rows.append({"label": f"{r.cfg['task']['program'][:7]} η{r.eta} c{r.c_train:g}", **res.rows[0]})
+            label = f"{r.cfg['task']['program'][:7]} η{r.eta} c{r.c_train:g}" + (f" s{r.seed}" if several else "")
+            sig_rows.append({"label": label, **res.rows[0]})
     if sig_rows:
         p = figures.plot_tracr_signatures(sig_rows, out / "fig10_tracr_attention.png", "Tracr attention after FT")
         figs.append(p)
