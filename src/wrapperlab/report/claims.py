@@ -223,9 +223,9 @@ def claim_probe(ev: Evidence) -> dict:
                   f"{TH.probe_control_margin:g}", excluded)
 
 
-def claim_revival(ev: Evidence) -> dict:
+def _revival_cases(runs: list[RunRecord]) -> list[tuple]:
+    """One case per run with a stored revival the rule can read: reFT's steps to the target against Scr.+FT's."""
     cases = []
-    runs, excluded = _capable(ev, "revival", prior="low")
     for r in runs:
         hit = revival_check(r.results["revival"], TH)
         if hit is None:
@@ -237,6 +237,12 @@ def claim_revival(ev: Evidence) -> dict:
                       f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
                       f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok,
                       {"reFT steps": rs} if rs is not None else {}))
+    return cases
+
+
+def claim_revival(ev: Evidence) -> dict:
+    runs, excluded = _capable(ev, "revival", prior="low")
+    cases = _revival_cases(runs)
     return _claim("revival", "Reverse fine-tuning revives the pretraining capability much faster than training the "
                   "same steps from a model that never had it (Scr.+FT)",
                   "L prior ~3K iterations, H/M 0.1–1K; Scr.+FT 4.5K (Fig. 9)", "paper §5, Fig. 9", cases,
@@ -337,18 +343,8 @@ def claim_tracr_maxid(ev: Evidence) -> dict:
 
 
 def claim_tracr_revival(ev: Evidence) -> dict:
-    cases = []
-    for r in ev.finetunes(tracr=True, eta="M"):
-        res = r.results.get("revival")
-        if r.cfg["task"]["program"] != "counter" or res is None or (hit := revival_check(res, TH)) is None:
-            continue
-        ok, f = hit
-        re_, base = f["reft"], f["baseline"]
-        rs, bs = re_["steps_to_target"], base["steps_to_target"]
-        cases.append((f"{r.tag()}: reFT reaches {_pct(re_['target'])} O_PT in "
-                      f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; Scr.+FT "
-                      f"{bs if bs is not None else 'not within ' + str(base['steps'])}", ok,
-                      {"reFT steps": rs} if rs is not None else {}))
+    cases = _revival_cases([r for r in ev.finetunes(tracr=True, eta="M")
+                            if r.cfg["task"]["program"] == "counter" and "revival" in r.results])
     return _claim("tracr-revival", "Reverse fine-tuning the compiled Counter after η_M fine-tuning revives counting "
                   "`a` faster than training a model that never counted it (Scr.+FT)",
                   "reFT after η_M restores O_PT accuracy at most C_Tr (Table 4; its columns are ambiguous in the "
