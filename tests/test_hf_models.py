@@ -244,3 +244,41 @@ def test_relearning_an_hf_model_resumes_bit_identically_with_tied_weights(tmp_pa
     assert torch.equal(a["model.hf.lm_head.weight"], a["model.hf.transformer.wte.weight"])
     before = load_hf(model_dir).state_dict()["hf.transformer.wte.weight"]
     assert not torch.equal(before, a["model.hf.transformer.wte.weight"])  # it did train
+
+
+def test_attention_on_a_capability_record_is_what_transformers_computes(tmp_path, checkpoints):
+    """`analyze attention --finetuned DIR --capability CAP`: the attention mass the last prompt token puts on each
+    key token equals the sum of transformers' own eager attention weights over that token's positions."""
+    import shutil
+
+    from conftest import one_line_error
+
+    from wrapperlab.models.hf_export import word_level_tokenizer
+
+    tokens = [f"t{i}" for i in range(V)]
+    model_dir = tmp_path / "llama"
+    shutil.copytree(checkpoints["llama"], model_dir)
+    for name, text in word_level_tokenizer(tokens).items():
+        (model_dir / name).write_text(text)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 6, 7).tolist() for _ in range(5)]  # few distinct tokens: repeated keys add up
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"prompt": " ".join(tokens[i] for i in p), "answer": "t9"}) + "\n"
+                           for p in prompts))
+    r = wl("analyze", "attention", "--finetuned", str(model_dir), "--capability", str(cap), "--index", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = ref(input_ids=torch.tensor([prompts[2]]), output_attentions=True).attentions
+    ids = np.array(prompts[2])
+    for row in rows:
+        tok = int(row["key_token"][1:])
+        expected = float(att[row["layer"]][0, row["head"], -1, torch.from_numpy(ids == tok)].sum())
+        assert abs(row["mass"] - expected) < 1e-5, row
+    assert {(r["layer"], r["head"]) for r in rows} == {(l_, h) for l_ in range(2) for h in range(4)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cap.jsonl", "llama"]  # nothing written without --out
+    one_line_error(wl("analyze", "attention", "--finetuned", str(model_dir), "--capability", str(cap), "--index",
+                      "9"), "--index")
+    one_line_error(wl("analyze", "attention", "--finetuned", str(model_dir), "--capability", str(cap), "--family",
+                      "count"), "--family: not used with --finetuned")

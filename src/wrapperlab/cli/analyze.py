@@ -188,8 +188,10 @@ def prune_cmd(
 
 @analyze_app.command("attention")
 def attention_cmd(
-    run: Path = RUN_ARG,
+    run: Path | None = PAIR_RUN,
     out_dir: Path | None = OUT_OPT,
+    finetuned: Path | None = FT_OPT,
+    capability: Path | None = CAP_OPT,
     family: str | None = typer.Option(None, help="task family of the input (default: the run's)"),
     operand: str | None = typer.Option(None, help="operand of the input (default: O_PT)"),
     c_test: float = typer.Option(0.0, help="spurious rate of the sampled input"),
@@ -201,35 +203,84 @@ def attention_cmd(
 ) -> None:
     """Attention maps per block and head for one example (token labels) or averaged over a batch; PNG plus a
     self-contained interactive HTML view. The table lists where the ART query (which predicts the answer)
-    puts its attention, by key token."""
+    puts its attention, by key token.
+
+    On any model (--finetuned M --capability CAP.jsonl): the prompt of record --index (or the mean over up to
+    --average records whose prompts have its length), read at the last prompt token (the one that predicts the
+    answer); written only with --out."""
     from wrapperlab.analysis.registry import analyze
     from wrapperlab.report.figures import plot_attention
     from wrapperlab.report.html import attention_page
 
-    od = _out_dir(run, out_dir)
+    pair = _pair_mode(run, finetuned, capability, None, needs_base=False)
+    if pair:
+        _not_in_pair_mode(family=family, operand=operand, c_test=c_test)
     with user_errors():
         lays = _ints(layers, "layers")
-        res = analyze("attention", run, family=family, operand=operand, c_test=c_test, average=average, index=index,
-                      layers=tuple(lays) if lays else None, seed=seed)
-    m = res.meta
-    what = (f"mean of {average} samples" if average
-            else f"sample {index}: {m['family']} {m['operand']}, answer {m['answer']}")
+        if pair:
+            res, what = _pair_attention(finetuned, capability, index, average, tuple(lays) if lays else None)
+        else:
+            res = analyze("attention", run, family=family, operand=operand, c_test=c_test, average=average,
+                          index=index, layers=tuple(lays) if lays else None, seed=seed)
+            m = res.meta
+            what = (f"mean of {average} samples" if average
+                    else f"sample {index}: {m['family']} {m['operand']}, answer {m['answer']}")
     pat = res.arrays["pattern"]
-    files = [res.save(od / "attention.json"),
-             plot_attention(pat, res.meta["labels"], res.meta["layers"], od / "attention.png", f"{run} — {what}"),
-             attention_page(pat, res.meta["labels"], res.meta["layers"], od / "attention.html",
-                            f"attention maps: {run}", what)]
+    name = finetuned if pair else run
+
+    def figures(od: Path) -> list[Path]:
+        return [plot_attention(pat, res.meta["labels"], res.meta["layers"], od / "attention.png", f"{name} — {what}"),
+                attention_page(pat, res.meta["labels"], res.meta["layers"], od / "attention.html",
+                               f"attention maps: {name}", what)]
+
+    if pair:
+        _emit_pair(res, out_dir, as_json, lambda: _attention_table(res, what), figures)
+        return
+    od = _out_dir(run, out_dir)
+    files = [res.save(od / "attention.json"), *figures(od)]
     if not as_json:
-        top = sorted(res.rows, key=lambda r: (r["layer"], r["head"], -r["mass"]))
-        shown, seen = [], {}
-        for r in top:
-            key = (r["layer"], r["head"])
-            if seen.get(key, 0) < 3:
-                shown.append(r)
-                seen[key] = seen.get(key, 0) + 1
-        print_rows(shown, {"layer": "block", "head": "head", "key_token": "key token", "mass": "attention mass"},
-                   f"top-3 key tokens of the ART query ({what})")
+        _attention_table(res, what)
     _emit(res, as_json, files)
+
+
+def _pair_attention(finetuned: Path, capability: Path, index: int, average: int, layers):
+    """The attention analysis on a capability record's prompt (or the mean over prompts of its length)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from wrapperlab.analysis.attention import attention
+    from wrapperlab.analysis.capability import CapabilityError
+    from wrapperlab.analysis.common import need
+
+    _, f, _, cap = _open_pair(None, finetuned, capability, None)
+    need(f.model, "attention")
+    if not 0 <= index < len(cap):
+        raise CapabilityError(f"--index: {capability} has records 0..{len(cap) - 1}, not {index}")
+    length = len(cap.prompts[index])
+    rows = [index] + [i for i in range(len(cap)) if i != index and len(cap.prompts[i]) == length]
+    rows = rows[:max(1, average)]
+    tokens = np.array([cap.prompts[i] for i in rows], dtype=np.int64)
+    names = SimpleNamespace(tokens={int(t): f.tokenizer.decode([int(t)]) for t in np.unique(tokens)})
+    res = attention(f.model, tokens, vocab=names, layers=list(layers) if layers else None, average=average > 0)
+    res.meta |= {"capability": str(capability), "records": rows}
+    rec = cap.records[index]
+    what = (f"mean of {len(rows)} prompts of {length} tokens" if average
+            else f"record {index} (line {rec.line}): answer {rec.answer!r}")
+    return res, what
+
+
+def _attention_table(res, what: str) -> None:
+    """The three key tokens each head's query attends to most."""
+    top = sorted(res.rows, key=lambda r: (r["layer"], r["head"], -r["mass"]))
+    shown, seen = [], {}
+    for r in top:
+        key = (r["layer"], r["head"])
+        if seen.get(key, 0) < 3:
+            shown.append(r)
+            seen[key] = seen.get(key, 0) + 1
+    print_rows(shown, {"layer": "block", "head": "head", "key_token": "key token", "mass": "attention mass"},
+               f"top-3 key tokens of the query that predicts the answer ({what})")
 
 
 @analyze_app.command("revival")
