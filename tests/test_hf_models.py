@@ -282,3 +282,45 @@ def test_attention_on_a_capability_record_is_what_transformers_computes(tmp_path
                       "9"), "--index")
     one_line_error(wl("analyze", "attention", "--finetuned", str(model_dir), "--capability", str(cap), "--family",
                       "count"), "--family: not used with --finetuned")
+
+
+def test_lora_trains_a_hugging_face_checkpoint_through_the_stages(tmp_path, checkpoints):
+    """train.method=lora on an hf model: the adapted linear maps change by a matrix of rank <= r, nothing else
+    changes, and the saved factors multiply out to that change."""
+    import shutil
+
+    from wrapperlab.models.hf_export import word_level_tokenizer
+    from wrapperlab.training import checkpoint as ck
+    from wrapperlab.training.stage import Stage, resolve
+
+    tokens = [f"t{i}" for i in range(V)]
+    model_dir = tmp_path / "llama"
+    shutil.copytree(checkpoints["llama"], model_dir)
+    for name, text in word_level_tokenizer(tokens).items():
+        (model_dir / name).write_text(text)
+    rng = np.random.default_rng(2)
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"prompt": " ".join(tokens[i] for i in rng.integers(0, V, 5)),
+                                       "answer": tokens[int(rng.integers(0, V))]}) + "\n" for _ in range(16)))
+    raw = {"stage": "reft", "model": {"family": "hf", "path": str(model_dir)},
+           "task": {"kind": "capability", "path": str(cap), "tokenizer": str(model_dir), "vocab_size": V},
+           "train": {"loss": "masked", "lr": 1e-2, "steps": 4, "batch_size": 4, "warmup_steps": 0,
+                     "schedule": "constant", "method": "lora", "lora_rank": 2}, "eval": {"every": 4}, "threads": 1}
+    cfg, _ = resolve(raw)
+    assert Stage(cfg, None, tmp_path / "run").run(progress=False)["status"] == "done"
+    saved = ck.load_tensors(tmp_path / "run")[1]
+    base = load_hf(model_dir).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], saved[f"model.{k}"])}
+    adapted = {k[len("lora."):-len(".lora_A")] + ".weight" for k in saved if k.endswith(".lora_A")}
+    assert changed and changed <= adapted
+    for k in changed:
+        delta = saved[f"model.{k}"] - base[k]
+        assert torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 2, k
+        name = k[: -len(".weight")]
+        a, b = saved[f"lora.{name}.lora_A"], saved[f"lora.{name}.lora_B"]
+        torch.testing.assert_close(delta, b @ a, atol=1e-5, rtol=1e-4)  # alpha = r: scale 1
+    raw["train"]["lora_targets"] = ["mlp.c_fc"]  # a GPT-2 name on a Llama: one line, before anything runs
+    from wrapperlab.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mlp.c_fc"):
+        resolve(raw)

@@ -218,6 +218,11 @@ def _load_raw(path: str | Path, device: str, dtype: torch.dtype):
         raise HFLoadError(f"{path}: model type {mtype!r} is not supported; supported: {', '.join(sorted(LAYOUTS))}")
     hf_logging.disable_progress_bar()
     try:
+        if torch.empty(0).device.type == "meta":  # a weightless model of the architecture (names and shapes only)
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(p), local_files_only=True, attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
         hf = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
                                                   attn_implementation="sdpa")
     except (OSError, ValueError) as e:
@@ -293,8 +298,11 @@ def adapter_delta(spec: str | Path, dtype: torch.dtype = torch.float32) -> dict[
 
 
 def load_any(spec: str | Path, device: str = "cpu") -> HFModel:
-    """A local checkpoint, or a base with its adapter merged (see :func:`split_adapter`)."""
+    """A local checkpoint, or a base with its adapter merged (see :func:`split_adapter`). Under a meta default
+    device, the base's architecture without weights."""
     base, adapter = split_adapter(spec)
+    if torch.empty(0).device.type == "meta":
+        adapter = None
     return load_hf(base, device) if adapter is None else load_adapter(base, adapter, device)
 
 
