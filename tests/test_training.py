@@ -135,6 +135,8 @@ def test_resume_is_bit_identical(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert sa["metrics"] == sb["metrics"]
+    # the time spent evaluating is recorded beside the wall time, and a resumed run adds to what it had
+    assert 0 < sa["eval_s"] < sa["wall_s"] and side_mid["eval_s"] < sb["eval_s"] < sb["wall_s"]
 
 
 def test_different_config_in_same_dir_is_refused(tmp_path):

@@ -164,6 +164,7 @@ class Stage:
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, self.parent_id)
         self.task = make_task(cfg)
         self.lora = None  # the adapters of a train.method=lora run, once attached
+        self.eval_s = 0.0  # seconds spent evaluating (resumed runs carry on from their sidecar)
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
@@ -233,7 +234,7 @@ class Stage:
         side = {"run_id": self.run_id, "stage": self.cfg.stage, "status": status,
                 "config": self.cfg.model_dump(mode="json"), "parent": self.cfg.parent,
                 "parent_id": self.parent_id, "optim_groups": groups, "metrics": metrics,
-                "wall_s": round(wall, 2), "steps": self.cfg.train.steps}
+                "wall_s": round(wall, 2), "eval_s": round(self.eval_s, 2), "steps": self.cfg.train.steps}
         return ck.save_checkpoint(self.run_dir, step, tensors, side)
 
     # ------------------------------------------------------------------ loop
@@ -298,11 +299,14 @@ class Stage:
         self.task.attach(self.run_dir, cfg.parent, t.seed, cfg.stage)  # e.g. a story run's tokenizer
         model, opt, step, metrics = self._resume(side) if side else self._fresh()
         wall0 = float(side.get("wall_s", 0.0)) if side else 0.0
+        self.eval_s = float(side.get("eval_s", 0.0)) if side else 0.0
         evaluator = make_evaluator(cfg, self.task)
         log = log or (lambda s: None)
 
         def do_eval(at: int) -> None:
+            te = time.perf_counter()
             rows = evaluator(model, at)
+            self.eval_s += time.perf_counter() - te
             for r in rows:
                 r["step"] = at
             metrics.extend(rows)
