@@ -301,6 +301,12 @@ def test_reproduce_presets_are_valid_specs_whose_every_config_resolves(tmp_path,
     assert {"pt", "counter", "maxid"} <= groups
     tools = {n.group for n in plan.analyses()}
     assert tools == {"probe", "prune", "revival", "verdict", "attention_signature"}
+    if preset != "quick":  # the appendix protocols and the Tracr revival are part of the whole grid
+        randft = plan.runs("ft_randft")
+        assert randft and {(n.side["config"]["train"]["operand"], n.side["config"]["train"]["answer_operand"])
+                           for n in randft} == {("a", "b")}
+        assert {a.run_id for a in plan.analyses("revival")} >= {n.run_id for n in randft + [
+            c for c in plan.runs("counter") if c.point["train.lr"] == "M"]}
     if preset == "paper":
         assert {n.side["config"]["preset"] for n in plan.runs()} == {"paper", "tracr-paper"}
         assert {n.side["config"]["train"]["steps"] for n in plan.runs("pt")} == {200_000, 50_000}

@@ -23,6 +23,7 @@ from wrapperlab.report.claims import (
     RunRecord,
     claim_prior,
     claim_prune,
+    claim_randft,
     claim_revival,
     claim_spurious,
     claim_tracr_attention,
@@ -131,6 +132,31 @@ def test_prior_claim_compares_priors_and_reads_the_high_prior_verdict():
     assert unable["status"] == NOT_MEASURED and "not counted" in unable["evidence"]
 
 
+def test_randft_claim_needs_reft_faster_than_every_baseline_and_no_other_claim_reads_randft_runs():
+    def rev(reft, scr_ft, scr):
+        return Result("revival", [], {}, {"summary": [
+            {"curve": "reft", "steps_to_target": reft, "steps": 500, "target": 0.9},
+            {"curve": "scr+ft", "steps_to_target": scr_ft, "steps": 500, "target": 0.9},
+            {"curve": "scr", "steps_to_target": scr, "steps": 500, "target": 0.9}]})
+
+    def randft(reft, scr_ft, scr):
+        r = pcfg_run("M", 0.0, post_a=0.05, post_b0=0.3, results={"revival": rev(reft, scr_ft, scr)})
+        r.side["config"]["train"]["answer_operand"] = "b"
+        return r
+
+    assert claim_randft(Evidence([randft(20, None, 300)]))["status"] == REPRODUCED
+    assert claim_randft(Evidence([randft(200, None, 300)]))["status"] == NOT_REPRODUCED  # 200 > 0.5 x 300
+    assert claim_randft(Evidence([randft(20, 30, None)]))["status"] == NOT_REPRODUCED  # 20 > 0.5 x 30
+    assert claim_randft(Evidence([randft(None, None, None)]))["status"] == NOT_REPRODUCED
+    ordinary = pcfg_run("M", 0.0, post_b0=0.97, results={"revival": rev(40, None, None)})
+    c = claim_randft(Evidence([randft(20, None, 300), ordinary]))
+    assert c["status"] == REPRODUCED and "ordinary reFT after the same η: 40" in c["evidence"]
+    assert claim_randft(Evidence([ordinary]))["status"] == NOT_MEASURED
+    # a randFT run learns wrong answers on purpose: it is not a failed fine-tune of the spurious or revival claims
+    assert claim_spurious(Evidence([randft(20, None, 300)]))["status"] == NOT_MEASURED
+    assert claim_revival(Evidence([randft(20, None, 300)]))["status"] == NOT_MEASURED
+
+
 def _seeded(run: RunRecord, seed: int) -> RunRecord:
     run.side["config"]["train"]["seed"] = seed
     return run
@@ -201,7 +227,7 @@ def _claims(store: Path, out: Path) -> dict:
 def test_claims_are_computed_from_stored_results(store, tmp_path):
     before = _claims(store, tmp_path / "r1")
     assert set(before) == {"wrapper", "prune", "probe", "revival", "spurious", "prior", "tracr-attention",
-                           "tracr-maxid", "tracr-revival", "tinystories", "tinystories-probe"}
+                           "randft", "tracr-maxid", "tracr-revival", "tinystories", "tinystories-probe"}
     assert before["tinystories"]["status"] == before["tinystories-probe"]["status"] == NOT_MEASURED
     assert before["wrapper"]["status"] in (REPRODUCED, NOT_REPRODUCED)  # the pretrained model counts: measured
     # edit the stored verdict: the claim's status follows

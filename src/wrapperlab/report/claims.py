@@ -14,6 +14,7 @@ Claims (paper §5 and its appendices; the section and figure are in each row):
   learns the task (Table 5).
 - prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6), and the high-prior
   fine-tune keeps the PT behaviour (amplification of a relevant capability, not a wrapper).
+- randft: after fine-tuning on deliberately wrong answers, reFT revives faster than Scr. and Scr.+FT (App. E.4).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
 - tracr-revival: reFT of the Counter after η_M fine-tuning revives counting `a` faster than Scr.+FT (Table 4).
@@ -122,10 +123,14 @@ class Evidence:
     def only_seed(self, seed: int) -> Evidence:
         return Evidence([r for r in self.runs if r.seed == seed])
 
-    def finetunes(self, tracr: bool = False, **match) -> list[RunRecord]:
+    def finetunes(self, tracr: bool = False, randft: bool = False, **match) -> list[RunRecord]:
+        """Fine-tunes of PCFG (or Tracr) tasks matching ``match``: ordinary ones, or (``randft``) those trained on
+        deliberately wrong answers (App. E.4), which no other claim reads."""
         out = []
         for r in self.runs:
             if r.side.get("stage") != "finetune" or r.kind != ("tracr" if tracr else "pcfg"):
+                continue
+            if bool(r.cfg["train"].get("answer_operand")) != randft:
                 continue
             if all(getattr(r, k) in (v if isinstance(v, (list, tuple, set)) else (v,)) for k, v in match.items()):
                 out.append(r)
@@ -156,12 +161,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _capable(ev: Evidence, tool: str, **match) -> tuple[list[RunRecord], list[str]]:
+def _capable(ev: Evidence, tool: str, randft: bool = False, **match) -> tuple[list[RunRecord], list[str]]:
     """Fine-tunes with a stored ``tool`` result whose pretrained model had the capability at all (O_PT accuracy
     before fine-tuning at least ``behaviour_drop`` above the majority rate): a wrapper or a revival of a
     capability that never existed means nothing. Returns (usable runs, notes on the excluded ones)."""
     keep, notes = [], []
-    for r in ev.finetunes(**match):
+    for r in ev.finetunes(randft=randft, **match):
         if tool not in r.results:
             continue
         pre, maj = r.acc("o_pt", 0.0, step=0), r.acc("o_pt", 0.0, step=0, key="majority")
@@ -354,6 +359,43 @@ def claim_tracr_revival(ev: Evidence) -> dict:
                   f"Scr.+FT's steps")
 
 
+def _within(s: dict) -> str:
+    """A revival curve's steps to its target, or "not within N"."""
+    return str(s["steps_to_target"]) if s["steps_to_target"] is not None else f"not within {s['steps']}"
+
+
+def claim_randft(ev: Evidence) -> dict:
+    runs, excluded = _capable(ev, "revival", randft=True)
+    ordinary = {(r.prior, r.eta, r.seed): r.results["revival"] for r in ev.finetunes() if "revival" in r.results}
+    cases = []
+    for r in runs:
+        summ = {s["curve"]: s for s in r.results["revival"].tables.get("summary", [])}
+        re_ = summ.get("reft")
+        bases = [summ[c] for c in ("scr+ft", "scr") if c in summ]
+        if re_ is None or not bases:
+            continue
+        rs = re_["steps_to_target"]
+        ok = rs is not None and all(
+            rs <= TH.revival_ratio * (b["steps_to_target"] if b["steps_to_target"] is not None else b["steps"] + 1)
+            for b in bases)
+        base_txt = ", ".join(f"{'Scr.+FT' if b['curve'] == 'scr+ft' else 'Scr.'} {_within(b)}" for b in bases)
+        plain = ordinary.get((r.prior, r.eta, r.seed))
+        plain_steps = next((s["steps_to_target"] for s in plain.tables.get("summary", []) if s["curve"] == "reft"),
+                           None) if plain is not None else None
+        also = f"; ordinary reFT after the same η: {plain_steps if plain_steps is not None else 'n/a'}" \
+            if plain is not None else ""
+        cases.append((f"{r.tag()} randFT: reFT reaches {_pct(re_['target'])} O_PT in "
+                      f"{rs if rs is not None else 'more than ' + str(re_['steps'])} steps; {base_txt}{also}", ok,
+                      {"reFT steps": rs} if rs is not None else {}))
+    return _claim("randft", "After fine-tuning to answer deliberately wrongly (randFT), reverse fine-tuning revives "
+                  "the capability more sample-efficiently than training it into models that never had it",
+                  "reFT of randFT models is about as sample-efficient as ordinary reFT and more efficient than Scr. "
+                  "and Scr.+FT (App. E.4, Figs. 28–30)", "paper App. E.4", cases,
+                  "no revival of a randFT fine-tune stored (`wrapperlab reproduce --preset full`)",
+                  f"reFT reaches the target in ≤ {TH.revival_ratio:g} × the steps of every stored baseline (Scr.+FT, "
+                  f"Scr.); ordinary reFT's steps are shown beside it", excluded)
+
+
 def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
     """TinyStories runs (task kind ``story``) by run id."""
     return {r.side["run_id"]: r for r in ev.runs if r.kind == "story"}
@@ -434,7 +476,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
                   "not-in-pretraining model's (means over blocks)")
 
 
-CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior,
+CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior, claim_randft,
           claim_tracr_attention, claim_tracr_maxid, claim_tracr_revival, claim_tinystories, claim_tinystories_probe)
 
 

@@ -81,6 +81,7 @@ class TaskKind:
     parent_stages: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PARENT_STAGES))
     reft_below_parent: bool = True  # the paper's rule for PCFG and Tracr (App. D): reFT LR < the fine-tuning LR
     evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
+    wrong_answers: bool = False  # sample() takes answer_operand (randFT, paper App. E.4)
 
 
 KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN, group="wrapperlab.task_kinds")

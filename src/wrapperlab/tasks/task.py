@@ -233,9 +233,11 @@ class PCFGTask:
         operand: str | None = None,
         c: float = 0.0,
         keep_source: bool = False,
+        answer_operand: str | None = None,
     ) -> Batch:
         """n samples. ``family``/``operand`` None = drawn from the family mix / operand prior.
-        ``c`` = probability that a sample is edited to satisfy r(x, O_FT) - r(x, O_PT) = q."""
+        ``c`` = probability that a sample is edited to satisfy r(x, O_FT) - r(x, O_PT) = q. ``answer_operand``
+        (randFT, paper App. E.4): every answer is the one for that operand, whatever operand the input asks about."""
         cfg = self.config
         if not 0.0 <= c <= 1.0:
             raise ValueError(f"spurious rate must be in [0, 1], got {c}")
@@ -246,8 +248,9 @@ class PCFGTask:
             fams = [family] * n
         if c > 0 and any(f not in SPURIOUS_FAMILIES for f in set(fams)):
             raise ValueError(f"a spurious correlation is defined only for {', '.join(SPURIOUS_FAMILIES)}")
-        if operand is not None and operand not in self.t:
-            raise ValueError(f"unknown operand {operand!r}; choose from {', '.join(TERMINALS)}")
+        for name, op in (("operand", operand), ("answer_operand", answer_operand)):
+            if op is not None and op not in self.t:
+                raise ValueError(f"unknown {name} {op!r}; choose from {', '.join(TERMINALS)}")
         drawn = rng.choice(len(TERMINALS), size=n, p=self.prior)
         ops = []
         for i, f in enumerate(fams):
@@ -297,7 +300,7 @@ class PCFGTask:
                 value_pt[rows] = fobj.answers(text[rows], o_pt, k)
                 for op in set(op_arr[rows]):
                     sub = rows[op_arr[rows] == op]
-                    value[sub] = fobj.answers(text[sub], self.t[op], k)
+                    value[sub] = fobj.answers(text[sub], self.t[answer_operand or op], k)
                     op_tok[sub] = self.vocab.id(op)
                 answer[rows] = self.vocab.number_ids(value[rows])
             else:
@@ -345,10 +348,21 @@ def _check_run(stage: str, parent: str | None, train, ev, task: TaskConfig) -> N
         raise ValueError(f"parent: {stage} needs parent=RUN_DIR ({need})")
     if stage == "pretrain" and parent:
         raise ValueError("parent: pretrain starts from scratch; remove parent=")
+    if train.answer_operand is not None:
+        if train.answer_operand not in TERMINALS:
+            raise ValueError(f"train.answer_operand: unknown operand {train.answer_operand!r}; choose from "
+                             f"{', '.join(TERMINALS)}")
+        if stage != "finetune" or train.family is None or not get_family(train.family).uses_operand \
+                or train.c_train:
+            raise ValueError("train.answer_operand: randFT is a finetune stage on one family that takes an operand, "
+                             "without a spurious correlation (paper App. E.4)")
+        if train.operand is not None and train.operand == train.answer_operand:
+            raise ValueError("train.answer_operand: equal to train.operand, so the answers would be right")
     if train.c_train > 0 and train.family not in SPURIOUS_FAMILIES:
         raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
 
 
 KIND = register(TaskKind("pcfg", TaskConfig, PCFGTask, _check_run, lambda cfg: "count",
                          ("q", "o_pt", "o_ft", "prior", "families"),
-                         "the paper's PCFG: five counting/indexing families over a probabilistic grammar"))
+                         "the paper's PCFG: five counting/indexing families over a probabilistic grammar",
+                         wrong_answers=True))

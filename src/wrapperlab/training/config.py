@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     family: str | None = Field(None, description="None = the pretraining family mix")
     operand: str | None = Field(None, description="None = drawn from the operand prior")
     c_train: float = Field(0.0, ge=0, le=1)
+    answer_operand: str | None = Field(None, description="randFT (paper App. E.4): train on the answer for this "
+                                                         "operand, not for the operand the input asks about (a "
+                                                         "deliberately wrong answer)")
     seed: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 = bf16 autocast for the training step's forward and backward (weights, "
@@ -170,6 +173,9 @@ class RunConfig(BaseModel):
         bad = [s for s in self.eval.at if not 0 < s <= self.train.steps]
         if bad:
             raise ValueError(f"eval.at: steps must be in 1..train.steps={self.train.steps} (got {bad[0]})")
+        if self.train.answer_operand is not None and not get_task_kind(self.task.kind).wrong_answers:
+            raise ValueError(f"train.answer_operand: a {self.task.kind} task cannot train on another operand's "
+                             f"answers (randFT is defined for PCFG tasks)")
         if self.init and self.parent:
             raise ValueError("init: a stage starts from its parent or from init, not both")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
@@ -196,6 +202,8 @@ class RunConfig(BaseModel):
             d["task"].pop("kind")
         if d["train"].get("precision") == "fp32":
             d["train"].pop("precision")
+        if d["train"]["answer_operand"] is None:
+            d["train"].pop("answer_operand")
         if d["train"]["method"] == "full":
             for k in ("method", "lora_rank", "lora_alpha", "lora_targets"):
                 d["train"].pop(k)

@@ -246,8 +246,9 @@ class Stage:
     def sample_batch(self, step: int):
         """The training batch of ``step``: a function of ``(train.seed, step)`` alone (exact resumes)."""
         t = self.cfg.train
+        wrong = {"answer_operand": t.answer_operand} if t.answer_operand else {}  # randFT (App. E.4)
         return self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
-                                operand=t.operand, c=t.c_train)
+                                operand=t.operand, c=t.c_train, **wrong)
 
     def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int, batch=None) -> float:
         """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)`` unless given,
