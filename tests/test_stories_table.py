@@ -217,3 +217,28 @@ def test_report_on_a_store_reads_the_story_runs_beside_it(protocol, tmp_path):
     claims = {c["id"]: c for c in json.loads(r.stdout)["claims"]}
     assert claims["tinystories"]["cases"] == 6 and claims["wrapper"]["status"] == "not measured"
     one_line_error(wl("reproduce", "--preset", "paper", "--stories", "--out", str(tmp_path / "rp")), "--stories")
+
+
+def test_the_protocol_takes_a_seed_axis_and_one_seed_keeps_its_run_ids(tmp_path):
+    from wrapperlab.experiments import stories_table as ST
+    from wrapperlab.experiments.plan import build_plan
+
+    p = ST.preset("cpu")
+    one = ST.protocol_spec(p, tmp_path / "shards", None, (0,))
+    # the construction before seeds were an axis: every group named seed 0 itself
+    old = one.model_copy(update={"seeds": [], "runs": {k: g.model_copy(update={"set": {**g.set, "seed": 0}})
+                                                      for k, g in one.runs.items()}})
+    ids = {tuple(sorted(n.run_id for n in build_plan(s, tmp_path / name).runs())) for name, s in
+           (("one", one), ("old", old))}
+    assert len(ids) == 1
+    two = build_plan(ST.protocol_spec(p, tmp_path / "shards", None, (0, 3)), tmp_path / "two")
+    runs = two.runs()
+    assert len(runs) == 2 * len(ids.pop())
+    for seed in (0, 3):
+        named = ST.protocol_runs(p, two, seed)
+        assert set(named) == set(RUNS)
+        seeds = {two.nodes[n.key].side["config"]["train"]["seed"] for n in runs if Path(n.run_dir) in named.values()}
+        assert seeds == {seed}
+    assert len(two.analyses("feature_probe")) == 2 * 8
+    one_line_error(wl("stories", "table", "--seeds", "1,x", "--out", str(tmp_path / "bad")), "--seeds")
+    assert not (tmp_path / "bad").exists()

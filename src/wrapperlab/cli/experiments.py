@@ -259,6 +259,7 @@ def reproduce_cmd(
 
             with user_errors():
                 ST.run_table(ST.preset("cpu"), out_dir / "stories", workers=workers, threads=threads,
+                             seeds=tuple(spec.seeds) or (0,),
                              executor=executor, address=address,
                              log=None if as_json or not progress
                              else (lambda s: err.print(s, highlight=False, markup=False)))

@@ -217,6 +217,8 @@ def table_cmd(
     address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local "
                                                                     "Ray instance)"),
     seed: int = typer.Option(0, help="training seed of every run"),
+    seeds: str | None = typer.Option(None, help="comma-separated training seeds: the protocol once per seed (its "
+                                                "claims then read 'k of N seeds'); replaces --seed"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     probes: bool = typer.Option(True, help="also run the Fig. 11a probes"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
@@ -247,13 +249,35 @@ def table_cmd(
             else:
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
-        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed, probes, log, device, executor, address)
+        seed_list = (seed,) if seeds is None else _seed_list(seeds)
+        res = ST.run_table(p, out_dir, data, judge, workers, threads, seed_list, probes, log, device, executor,
+                           address)
     if as_json:
         print(json.dumps(res))
         return
-    cols = res["columns"]
+    for s in res["seeds"]:
+        _print_tables(res, res["by_seed"][str(s)], p.name, out_dir, f"seed {s}" if len(res["seeds"]) > 1 else "")
+    print(f"wall {res['wall_s']:.0f} s; summary in {out_dir / 'stories_table.json'}")
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    from wrapperlab.cli.common import _fail
+
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        _fail(f"--seeds: expected distinct non-negative comma-separated integers, got {text!r}")
+    return out
+
+
+def _print_tables(res: dict, tables: dict, preset: str, out_dir: Path, which: str) -> None:
+    """Table 1 and Fig. 11a analogs of one seed's protocol."""
+    cols, tag = res["columns"], f" ({which})" if which else ""
+    paper_cols = "/".join(map(str, res["paper_columns"]))
     shown = []
-    for r in res["table1"]:
+    for r in tables["table1"]:
         row = {"model": r["model"], "pt": _pct(r["pretrained_rate"])}
         for c, pc in zip(cols, res["paper_columns"]):
             row[f"c{c}"] = f"{_pct(r[f'rate@{c}'])} ({_pct(r[f'paper@{pc}'])})"
@@ -262,16 +286,14 @@ def table_cmd(
     print_rows(shown, {"model": "deletion", "pt": "pretrained %",
                        **{f"c{c}": f"reFT {c} ({pc}) %" for c, pc in zip(cols, res["paper_columns"])},
                        "loss": "held-out loss on Twist stories at the columns"},
-               f"Table 1 analog — Twist in 16 generations asked for it, ours (paper's) at reFT steps "
-               f"{'/'.join(map(str, cols))} (paper {'/'.join(map(str, res['paper_columns']))}); preset {p.name}, "
-               f"runs in {out_dir}")
-    if res["probes"]:
-        layers = [k for k in res["probes"][0] if k.startswith("B")]
-        print_rows([{**r, **{k: _pct(r.get(k)) for k in (*layers, "mean", "base_rate")}} for r in res["probes"]],
+               f"Table 1 analog{tag} — Twist in 16 generations asked for it, ours (paper's) at reFT steps "
+               f"{'/'.join(map(str, cols))} (paper {paper_cols}); preset {preset}, runs in {out_dir}")
+    if tables["probes"]:
+        layers = [k for k in tables["probes"][0] if k.startswith("B")]
+        print_rows([{**r, **{k: _pct(r.get(k)) for k in (*layers, "mean", "base_rate")}} for r in tables["probes"]],
                    {"model": "model", **{k: k for k in layers}, "mean": "mean", "base_rate": "base rate"},
-                   "Fig. 11a analog — Twist probe accuracy % per block (test split). Paper: "
+                   f"Fig. 11a analog{tag} — Twist probe accuracy % per block (test split). Paper: "
                    + res["paper_probe_claim"])
-    print(f"wall {res['wall_s']:.0f} s; summary in {out_dir / 'stories_table.json'}")
 
 
 @stories_app.command("probe")

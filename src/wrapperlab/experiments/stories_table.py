@@ -121,11 +121,13 @@ def check_preset(p: StoriesPreset) -> StoriesPreset:
     return p
 
 
-def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None, seed: int = 0) -> ExperimentSpec:
+def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None,
+                  seeds: tuple[int, ...] = (0,)) -> ExperimentSpec:
     """The protocol as an experiment spec of the ``stories`` preset: pretrain and the control, deletion of each
     kind at η_M and η_S below pretrain, reFT below every deletion and below the control (a child inherits its
-    parent's model, tokenizer and data), and Fig. 11a's probes on pretrain, the control and the deleted models."""
-    every = {"seed": seed, "train.precision": p.precision, "batch_size": p.batch_size}
+    parent's model, tokenizer, data and seed), and Fig. 11a's probes on pretrain, the control and the deleted
+    models; once per training seed (the spec's ``seeds``)."""
+    every = {"train.precision": p.precision, "batch_size": p.batch_size}
     root = {**every, "task.data": str(data), "task.vocab_size": p.vocab_size, "task.seq_len": p.model["seq_len"],
             "task.max_new_tokens": p.max_new_tokens, "task.eval_n": p.eval_n, "task.judge": judge,
             **{f"model.{k}": v for k, v in p.model.items() if k != "seq_len"},
@@ -142,18 +144,20 @@ def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None, 
         "recover": RunGroup(stage="reft", preset="stories", parent="delete", set=rec),
         "recover_control": RunGroup(stage="reft", preset="stories", parent="control", set=rec),
     }
-    probe = {"n_train": p.probe_train, "n_test": p.probe_test, "iters": p.probe_iters, "seed": seed}
+    probe = {"n_train": p.probe_train, "n_test": p.probe_test, "iters": p.probe_iters, "seed": seeds[0]}
     return ExperimentSpec(name=f"stories-{p.name}", description="the TinyStories protocol (paper App. F; Table 1, "
-                          "Fig. 11a)", runs=runs,
+                          "Fig. 11a)", runs=runs, seeds=list(seeds),
                           analyses=[AnalysisSpec(tool="feature_probe", on=g, settings=probe)
                                     for g in ("pretrain", "control", "delete")])
 
 
-def protocol_runs(p: StoriesPreset, plan) -> dict[str, Path]:
-    """The run directory of every run of the protocol by its name in the tables (pretrain, control,
-    delete-F-M, ..., recover-F-M, ..., recover-control)."""
+def protocol_runs(p: StoriesPreset, plan, seed: int) -> dict[str, Path]:
+    """The run directory of every run of the protocol under training seed ``seed`` by its name in the tables
+    (pretrain, control, delete-F-M, ..., recover-F-M, ..., recover-control)."""
     out: dict[str, Path] = {}
     for node in plan.runs():
+        if node.side["config"]["train"]["seed"] != seed:
+            continue
         if node.group in ("pretrain", "control", "recover_control"):
             out[node.group.replace("_", "-")] = Path(node.run_dir)
         elif node.group in ("delete", "recover"):
@@ -230,11 +234,17 @@ def probe_rows(results: dict[str, Path], feature: str = "Twist") -> list[dict]:
 
 
 def summary(p: StoriesPreset, out: str | Path, plan, wall_s: float | None = None) -> dict:
+    """The tables of every seed under ``by_seed``; ``runs``, ``table1`` and ``probes`` at the top are the first
+    seed's (the whole summary when there is one seed)."""
     out = Path(out)
-    runs = protocol_runs(p, plan)
+    by_seed = {}
+    for seed in plan.spec.seeds:
+        runs = protocol_runs(p, plan, seed)
+        by_seed[str(seed)] = {"runs": {k: str(v) for k, v in runs.items()}, "table1": table1_rows(p, runs),
+                              "probes": probe_rows(_probe_results(plan, runs))}
     res = {"preset": asdict(p), "columns": list(p.columns), "paper_columns": list(PAPER_COLUMNS),
-           "runs": {k: str(v) for k, v in runs.items()}, "table1": table1_rows(p, runs),
-           "probes": probe_rows(_probe_results(plan, runs)), "paper_probe_claim": PAPER_PROBE_CLAIM}
+           "seeds": list(plan.spec.seeds), **by_seed[str(plan.spec.seeds[0])], "by_seed": by_seed,
+           "paper_probe_claim": PAPER_PROBE_CLAIM}
     if wall_s is not None:
         res["wall_s"] = round(wall_s, 1)
     from wrapperlab.fileio import atomic_write_text
@@ -244,7 +254,7 @@ def summary(p: StoriesPreset, out: str | Path, plan, wall_s: float | None = None
 
 
 def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None, judge: str | Path | None = None,
-              workers: int = 1, threads: int = 0, seed: int = 0, probes: bool = True,
+              workers: int = 1, threads: int = 0, seeds: tuple[int, ...] = (0,), probes: bool = True,
               log: Callable[[str], None] | None = None, device: str = "cpu", executor: str = "local",
               address: str | None = None, progress: bool = False) -> dict:
     """The whole protocol in the store ``out``: procedural shards (when ``data`` is None and the preset has a
@@ -260,7 +270,7 @@ def run_table(p: StoriesPreset, out: str | Path, data: str | Path | None = None,
     if data is None and not p.data:
         raise ConfigError(f"--data: the {p.name} preset needs real TinyStories-Instruct shards")
     shards = Path(data) if data is not None else out / "shards"
-    spec = protocol_spec(p, shards.resolve(), str(Path(judge).resolve()) if judge else None, seed)
+    spec = protocol_spec(p, shards.resolve(), str(Path(judge).resolve()) if judge else None, tuple(seeds))
     if not probes:
         spec = spec.model_copy(update={"analyses": []})
     build_plan(spec, out, threads=threads, device=device)  # every config is valid before anything is written
