@@ -3,6 +3,7 @@ models built from configs (no downloads), loaded offline, their hooks checked ag
 states and attention weights, and the analyses run on them."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,33 @@ def checkpoints(tmp_path_factory):
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+WORDS = [f"t{i}" for i in range(V)]
+
+
+def _readable(src: Path, dest: Path) -> Path:
+    """A copy of the checkpoint ``src`` at ``dest`` with a word-level tokenizer (token i is "t{i}")."""
+    import shutil
+
+    from wrapperlab.models.hf_export import word_level_tokenizer
+
+    shutil.copytree(src, dest)
+    for name, text in word_level_tokenizer(WORDS).items():
+        (dest / name).write_text(text)
+    return dest
+
+
+def _relearning(model_dir: Path, tmp_path: Path, seed: int, n: int, **train) -> dict:
+    """The raw config of a capability stage that trains the checkpoint on ``n`` random records."""
+    rng = np.random.default_rng(seed)
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i] for i in rng.integers(0, V, 5)),
+                                       "answer": WORDS[int(rng.integers(0, V))]}) + "\n" for _ in range(n)))
+    return {"stage": "reft", "model": {"family": "hf", "path": str(model_dir)},
+            "task": {"kind": "capability", "path": str(cap), "tokenizer": str(model_dir), "vocab_size": V},
+            "train": {"loss": "masked", "batch_size": 4, "warmup_steps": 0, "schedule": "constant", **train},
+            "threads": 1}
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
@@ -212,26 +240,13 @@ def test_the_pair_verdict_runs_on_tiny_hf_models(tmp_path, checkpoints, arch):
 def test_relearning_an_hf_model_resumes_bit_identically_with_tied_weights(tmp_path, checkpoints):
     """A relearning stage trains the checkpoint itself (GPT-2: embedding and head tied, dropout on): interrupted
     after 3 steps and resumed, it ends with the same weights as one uninterrupted run, and the tie survives."""
-    import shutil
 
-    from wrapperlab.models.hf_export import word_level_tokenizer
     from wrapperlab.training import checkpoint as ck
     from wrapperlab.training.stage import Stage, resolve
 
-    tokens = [f"t{i}" for i in range(V)]
-    model_dir = tmp_path / "gpt2"
-    shutil.copytree(checkpoints["gpt2"], model_dir)
-    for name, text in word_level_tokenizer(tokens).items():
-        (model_dir / name).write_text(text)
+    model_dir = _readable(checkpoints["gpt2"], tmp_path / "gpt2")
     assert json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", True)
-    rng = np.random.default_rng(1)
-    cap = tmp_path / "cap.jsonl"
-    cap.write_text("".join(json.dumps({"prompt": " ".join(tokens[i] for i in rng.integers(0, V, 5)),
-                                       "answer": tokens[int(rng.integers(0, V))]}) + "\n" for _ in range(24)))
-    raw = {"stage": "reft", "model": {"family": "hf", "path": str(model_dir)},
-           "task": {"kind": "capability", "path": str(cap), "tokenizer": str(model_dir), "vocab_size": V},
-           "train": {"loss": "masked", "lr": 1e-3, "steps": 6, "batch_size": 4, "warmup_steps": 0,
-                     "schedule": "constant"}, "eval": {"every": 3}, "threads": 1}
+    raw = _relearning(model_dir, tmp_path, 1, 24, lr=1e-3, steps=6) | {"eval": {"every": 3}}
     cfg, _ = resolve(raw)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     Stage(cfg, None, whole).run(progress=False)
@@ -249,17 +264,13 @@ def test_relearning_an_hf_model_resumes_bit_identically_with_tied_weights(tmp_pa
 def test_attention_on_a_capability_record_is_what_transformers_computes(tmp_path, checkpoints):
     """`analyze attention --finetuned DIR --capability CAP`: the attention mass the last prompt token puts on each
     key token equals the sum of transformers' own eager attention weights over that token's positions."""
-    import shutil
 
     from conftest import one_line_error
 
-    from wrapperlab.models.hf_export import word_level_tokenizer
 
     tokens = [f"t{i}" for i in range(V)]
     model_dir = tmp_path / "llama"
-    shutil.copytree(checkpoints["llama"], model_dir)
-    for name, text in word_level_tokenizer(tokens).items():
-        (model_dir / name).write_text(text)
+    _readable(checkpoints["llama"], model_dir)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 6, 7).tolist() for _ in range(5)]  # few distinct tokens: repeated keys add up
     cap = tmp_path / "cap.jsonl"
@@ -287,25 +298,13 @@ def test_attention_on_a_capability_record_is_what_transformers_computes(tmp_path
 def test_lora_trains_a_hugging_face_checkpoint_through_the_stages(tmp_path, checkpoints):
     """train.method=lora on an hf model: the adapted linear maps change by a matrix of rank <= r, nothing else
     changes, and the saved factors multiply out to that change."""
-    import shutil
 
-    from wrapperlab.models.hf_export import word_level_tokenizer
     from wrapperlab.training import checkpoint as ck
     from wrapperlab.training.stage import Stage, resolve
 
-    tokens = [f"t{i}" for i in range(V)]
-    model_dir = tmp_path / "llama"
-    shutil.copytree(checkpoints["llama"], model_dir)
-    for name, text in word_level_tokenizer(tokens).items():
-        (model_dir / name).write_text(text)
-    rng = np.random.default_rng(2)
-    cap = tmp_path / "cap.jsonl"
-    cap.write_text("".join(json.dumps({"prompt": " ".join(tokens[i] for i in rng.integers(0, V, 5)),
-                                       "answer": tokens[int(rng.integers(0, V))]}) + "\n" for _ in range(16)))
-    raw = {"stage": "reft", "model": {"family": "hf", "path": str(model_dir)},
-           "task": {"kind": "capability", "path": str(cap), "tokenizer": str(model_dir), "vocab_size": V},
-           "train": {"loss": "masked", "lr": 1e-2, "steps": 4, "batch_size": 4, "warmup_steps": 0,
-                     "schedule": "constant", "method": "lora", "lora_rank": 2}, "eval": {"every": 4}, "threads": 1}
+    model_dir = _readable(checkpoints["llama"], tmp_path / "llama")
+    raw = _relearning(model_dir, tmp_path, 2, 16, lr=1e-2, steps=4, method="lora", lora_rank=2) | \
+        {"eval": {"every": 4}}
     cfg, _ = resolve(raw)
     assert Stage(cfg, None, tmp_path / "run").run(progress=False)["status"] == "done"
     saved = ck.load_tensors(tmp_path / "run")[1]
