@@ -52,8 +52,10 @@ def test_records_and_tokens_fail_with_the_line_that_is_wrong(tmp_path):
         _cap([Record("a z", "b", line=7)])
     with pytest.raises(CapabilityError, match="line 2: token id 11 is beyond the model's vocabulary"):
         Capability.build([Record("a l", "b", line=2)], WordTokenizer(TOKENS), 11, None, "t")
-    with pytest.raises(CapabilityError, match="beyond the model's context"):
-        Capability.build([Record(" ".join("a" * 16), "b", line=1)], WordTokenizer(TOKENS), 12, 16, "t")
+    # the model reads every token but the last: 16 prompt tokens + 1 answer fit a 16-token context, 17 + 1 do not
+    assert len(Capability.build([Record(" ".join("a" * 16), "b", line=1)], WordTokenizer(TOKENS), 12, 16, "t")) == 1
+    with pytest.raises(CapabilityError, match="the model would read 17, beyond its context"):
+        Capability.build([Record(" ".join("a" * 17), "b", line=1)], WordTokenizer(TOKENS), 12, 16, "t")
 
 
 def test_behaviour_loss_and_features_match_the_plain_forward_pass():
@@ -187,6 +189,12 @@ def test_pair_bad_input_is_one_line(tmp_path):
     one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
                       "--baselines", "scr"), "the baseline is --control")
     one_line_error(wl("analyze", "revival", str(a), "--control", str(b)), "--control: used with --base")
+    one_line_error(wl("analyze", "verdict", str(a), "--relearn-steps", "5"), "--relearn-steps: used with --base")
+    one_line_error(wl("analyze", "probe", str(a), "--control", str(b)), "--control: used with --base")
+    one_line_error(wl("analyze", "verdict", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
+                      "--no-revival", "--relearn-lr", "1e-3"), "--relearn-lr: relearning is off")
+    one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
+                      "--steps", "0"), "steps")
     one_line_error(wl("analyze", "revival", "--base", str(a), "--finetuned", str(a), "--capability", str(cap),
                       "--lr", "S"), "--lr: a pair's relearning LR is a number")
     bad.unlink()

@@ -323,3 +323,24 @@ def test_lora_trains_a_hugging_face_checkpoint_through_the_stages(tmp_path, chec
 
     with pytest.raises(ConfigError, match="mlp.c_fc"):
         resolve(raw)
+
+
+def test_a_relearning_stage_is_named_by_what_it_reads(tmp_path, checkpoints):
+    """Editing the records or rewriting the checkpoint in place changes the fingerprint in the stage's config, so a
+    finished stage is never reused for different data or weights."""
+    import os
+
+    from wrapperlab.analysis.capability import fingerprint
+
+    model_dir = _readable(checkpoints["gpt2"], tmp_path / "gpt2")
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text('{"prompt": "t1 t2", "answer": "t3"}\n')
+    first = fingerprint(model_dir, cap)
+    assert fingerprint(model_dir, cap) == first
+    cap.write_text('{"prompt": "t1 t2", "answer": "t4"}\n')
+    second = fingerprint(model_dir, cap)
+    assert second != first
+    weights = next(model_dir.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert fingerprint(model_dir, cap) != second

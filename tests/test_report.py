@@ -184,6 +184,15 @@ def test_a_claim_on_several_seeds_is_judged_per_seed_and_counted():
     gap = claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8}), _seeded(pcfg_run("S", 1.0), 4)]))[1]
     assert gap["status"] == REPRODUCED and gap["per_seed"] == {"0": REPRODUCED, "4": NOT_MEASURED}
     assert "not measured on seed 4" in gap["evidence"]
+    from wrapperlab.report.build import seeds_note
+
+    assert seeds_note(gap) == "1 of 1 measured seeds (2 in all)" and seeds_note(every) == "2 of 2 seeds"
+    # two cases of one setting on one seed count once for that seed; a run left out is still named per seed
+    twice = claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8}), pruned(0, {0: 0.1, 3: 0.7}),
+                                   pruned(1, {0: 0.1, 1: 0.2}),
+                                   _seeded(pcfg_run("S", 1.0, pre_a=0.5, results=pruned(0, {0: 0.1}).results), 1)]))
+    assert "low prior ηS C_Tr=1: agrees on 1 of 2 seeds" in twice[1]["evidence"]
+    assert "not counted: seed 1: low prior ηS C_Tr=1" in twice[1]["evidence"]
     # one seed: the table is the single-seed table
     assert claims_table(Evidence([pruned(0, {0: 0.1, 2: 0.8})]))[1]["status"] == REPRODUCED
 
@@ -361,7 +370,9 @@ def test_a_report_on_two_seeds_renders_the_seed_counts(seeded_store, tmp_path):
     assert got["statuses"] == [c["status"] for c in res["claims"]]
     for seed in (0, 1):  # every seed's runs are drawn, each figure naming its seed
         assert any(f"seed {seed}" in c and "Fig. 7" in c for c in got["captions"]), got["captions"]
-    assert got["counts"] == [f"{c['reproduced_on']} of 2 seeds" for c in res["claims"]]
+    assert got["counts"] == [f"{c['reproduced_on']} of 2 seeds" if c["measured_on"] in (0, 2)
+                             else f"{c['reproduced_on']} of {c['measured_on']} measured seeds (2 in all)"
+                             for c in res["claims"]]
     assert got["seeds"].startswith("Seeds: 0, 1")
 
 

@@ -131,6 +131,30 @@ def stage_model(path: str | Path) -> tuple[dict, dict]:
     return {"family": "hf", "path": str(path)}, {}
 
 
+def fingerprint(model_path: str | Path, *files: str | Path) -> str:
+    """sha256 of the record files' contents and of the starting model: a run's id, or a Hugging Face directory's
+    config and the size and modification time of its weight files (BASE+ADAPTER: both directories)."""
+    import hashlib
+
+    from wrapperlab.models.hf import split_adapter
+    from wrapperlab.training.checkpoint import SIDECAR, read_sidecar
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    if (Path(model_path) / SIDECAR).is_file():
+        h.update(read_sidecar(model_path)["run_id"].encode())
+    else:
+        for d in (p for p in split_adapter(model_path) if p is not None):
+            for f in sorted(d.iterdir()):
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+                elif f.suffix in (".safetensors", ".bin"):
+                    st = f.stat()
+                    h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def relearn_config(subject: Subject, capability: str | Path, s: RelearnSettings,
                    train_data: str | Path | None = None) -> dict:
     """The raw config of a ``reft`` stage that relearns the capability file's answers from ``subject`` (on
@@ -142,6 +166,7 @@ def relearn_config(subject: Subject, capability: str | Path, s: RelearnSettings,
     task = {"kind": "capability", "path": str(capability), "vocab_size": subject.vocab_size,
             "seq_len": subject.seq_len, "test_frac": s.test_frac, "split_seed": s.seed,
             **({"train_path": str(train_data)} if train_data else {}),
+            "digest": fingerprint(subject.path, capability, *([train_data] if train_data else [])),
             **({"words": list(words)} if words is not None else {"tokenizer": str(split_adapter(subject.path)[0])})}
     train = {"loss": "masked", "lr": s.lr, "steps": s.steps, "batch_size": s.batch_size, "warmup_steps": s.warmup,
              "schedule": "constant", "weight_decay": 0.0, "seed": s.seed}
@@ -248,7 +273,8 @@ def open_subject(path: str | Path, device: str = "cpu") -> Subject:
         if not isinstance(tokens, tuple):
             raise CapabilityError(f"{path}: a {run.config.task.kind} run has no word vocabulary to read a capability "
                                   f"file with; export it (wrapperlab export) and use the exported directory")
-        return Subject(str(p), run.model, WordTokenizer(tokens), run.model.cfg.vocab_size, run.model.cfg.seq_len)
+        return _causal(Subject(str(p), run.model, WordTokenizer(tokens), run.model.cfg.vocab_size,
+                                    run.model.cfg.seq_len))
     from wrapperlab.models.hf import HFLoadError, load_any, split_adapter
 
     try:
@@ -263,7 +289,17 @@ def open_subject(path: str | Path, device: str = "cpu") -> Subject:
         tok = HFTokenizer(d)
     except Exception as e:  # whatever a broken tokenizer file raises inside transformers
         raise CapabilityError(f"{d}: cannot load its tokenizer ({' '.join(str(e).split())[:200]})") from None
-    return Subject(str(path), model, tok, model.vocab_size, model.seq_len or None)
+    return _causal(Subject(str(path), model, tok, model.vocab_size, model.seq_len or None))
+
+
+def _causal(s: Subject) -> Subject:
+    """A capability is read left to right (its answer follows its prompt): a non-causal model would see it."""
+    from wrapperlab.models.registry import components
+
+    if not components(s.model).causal:
+        raise CapabilityError(f"{s.path}: a {components(s.model).family} model that is not causal would read the "
+                              f"answer it is asked to predict; capability files need a causal model")
+    return s
 
 
 def check_pair(a: Subject, b: Subject) -> None:

@@ -99,6 +99,7 @@ def probe_cmd(
                                     "probe acc %", "majority": "majority %"}, f"probes of {finetuned}"),
             lambda od: [plot_probe(res.rows, od / "probe.png", f"probes: {finetuned}")])
         return
+    _pair_only(control=control)
     od = _out_dir(run, out_dir)
     given = {"n_train": n_train, "n_test": n_test, "iters": iters, "seed": seed, "family": family,
              "controls": controls}
@@ -214,7 +215,7 @@ def attention_cmd(
 
     pair = _pair_mode(run, finetuned, capability, None, needs_base=False)
     if pair:
-        _not_in_pair_mode(family=family, operand=operand, c_test=c_test)
+        _not_in_pair_mode(family=family, operand=operand, c_test=c_test, seed=seed)
     with user_errors():
         lays = _ints(layers, "layers")
         if pair:
@@ -317,8 +318,7 @@ def revival_cmd(
         _pair_revival(base, finetuned, capability, control, relearn_data, out_dir, lr, steps, fraction, threads,
                       progress, as_json, baselines=baselines, scratch_steps=scratch_steps)
         return
-    if relearn_data is not None or control is not None:
-        _fail("--relearn-data, --control: used with --base/--finetuned/--capability (the pair form)")
+    _pair_only(control=control, relearn_data=relearn_data)
 
     od = _out_dir(run, out_dir)
     lr_v: float | str | None = lr
@@ -355,8 +355,8 @@ def verdict_cmd(
     revival: bool = typer.Option(True, help="include revival (trains reFT and baselines if not done yet; on a pair: "
                                             "relearning)"),
     relearn_data: Path | None = RELEARN_DATA_OPT,
-    relearn_steps: int = typer.Option(200, min=1, help="pair form: relearning steps"),
-    relearn_lr: float = typer.Option(1e-5, min=0, help="pair form: relearning LR"),
+    relearn_steps: int | None = typer.Option(None, help="pair form: relearning steps (default 200)"),
+    relearn_lr: float | None = typer.Option(None, help="pair form: relearning LR (default 1e-5)"),
     threads: int | None = typer.Option(None, help="torch threads"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -386,10 +386,17 @@ def verdict_cmd(
     if _pair_mode(run, finetuned, capability, base, needs_base=True):
         from wrapperlab.analysis.capability import RelearnSettings
 
+        relearn = {"relearn_data": relearn_data, "relearn_steps": relearn_steps, "relearn_lr": relearn_lr}
+        given = [f"--{k.replace('_', '-')}" for k, v in relearn.items() if v is not None]
+        if not revival and given:
+            _fail(f"{', '.join(given)}: relearning is off (--no-revival)")
         with user_errors():
-            rs = RelearnSettings(steps=relearn_steps, lr=relearn_lr, threads=threads or 0) if revival else None
+            rs = RelearnSettings(steps=200 if relearn_steps is None else relearn_steps,
+                                 lr=1e-5 if relearn_lr is None else relearn_lr, threads=threads or 0) \
+                if revival else None
         _pair_verdict(base, finetuned, capability, control, out_dir, values, as_json, log, rs, relearn_data)
         return
+    _pair_only(control=control, relearn_data=relearn_data, relearn_steps=relearn_steps, relearn_lr=relearn_lr)
     od = _out_dir(run, out_dir)
     with user_errors():
         th = get_analysis("verdict").make_settings(values)
@@ -437,6 +444,13 @@ def _open_pair(base: Path | None, finetuned: Path, capability: Path, control: Pa
     return b, f, ctl, Capability.build(records, f.tokenizer, f.vocab_size, f.seq_len, str(capability))
 
 
+def _pair_only(**given) -> None:
+    """One line naming the pair-form options given with a RUN."""
+    bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if bad:
+        _fail(f"{', '.join(bad)}: used with --base/--finetuned/--capability (the pair form), not with a RUN")
+
+
 def _not_in_pair_mode(**given) -> None:
     """One line naming the run-only options given together with the pair form."""
     bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
@@ -479,7 +493,7 @@ def _pair_revival(base, finetuned, capability, control, relearn_data, out_dir, l
             lr_v = 1e-5 if lr is None else float(lr)
         except ValueError:
             _fail(f"--lr: a pair's relearning LR is a number, not {lr!r}")
-        s = RelearnSettings(lr=lr_v, steps=steps or 200, fraction=fraction, threads=threads or 0)
+        s = RelearnSettings(lr=lr_v, steps=200 if steps is None else steps, fraction=fraction, threads=threads or 0)
         b, f, c, cap = _open_pair(base, finetuned, capability, control)
         res = _relearn(b, f, c, cap, relearn_data, s, out_dir, progress and not as_json,
                        lambda m: err.print(m, highlight=False, markup=False))

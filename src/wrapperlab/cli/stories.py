@@ -249,6 +249,8 @@ def table_cmd(
             else:
                 raise ConfigError(f"override {item!r}: expected key=value with key one of {TABLE_OVERRIDES}")
         p = ST.check_preset(dataclasses.replace(p, **changes))
+        if seeds is not None and seed != 0:
+            raise ConfigError("--seed, --seeds: give one or the other")
         seed_list = (seed,) if seeds is None else _seed_list(seeds)
         res = ST.run_table(p, out_dir, data, judge, workers, threads, seed_list, probes, log, device, executor,
                            address)

@@ -163,9 +163,14 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
                     k = planned[(name, run.run_id)]
                     deps.append(k)
                     inputs[name] = nodes[k].payload["result"]
+            h_run = h
             if tool.runs is not None:  # the training runs it needs become nodes of their own
-                deps += _training_nodes(nodes, run, tool, settings, runs_dir, f"analyses.{i}")
-            result = Path(run.run_dir) / "analysis" / f"{a.tool}-{h}.json"
+                trained = _training_nodes(nodes, run, tool, settings, runs_dir, f"analyses.{i}")
+                deps += trained
+                # the result names the runs it read, so a result computed from other runs is never reused for it
+                h_run = settings_hash({"settings": a.settings, "runs": trained})
+                key = f"{a.tool}-{h_run}@{run.run_id}"
+            result = Path(run.run_dir) / "analysis" / f"{a.tool}-{h_run}.json"
             cost = run.cost * tool.cost
             nodes[key] = Node(key, "analysis", a.tool, f"{a.tool} on {run.label}", run.point, deps,
                               {"kind": "analysis", "tool": a.tool, "settings": a.settings, "run_dir": run.run_dir,

@@ -136,8 +136,8 @@ class ExperimentSpec(BaseModel):
                 raise ValueError(f"seeds: distinct non-negative integers, got {self.seeds}")
             if any(_canon(k) == "train.seed" for k in self.defaults):
                 raise ValueError("seeds: the defaults set a seed too; give one or the other")
-            for name, g in self.runs.items():
-                if g.parent is None and any(_canon(k) == "train.seed" for k in (*g.set, *g.grid)):
+            for name, g in self.runs.items():  # a derived group's own seed would merge the replicates' children
+                if any(_canon(k) == "train.seed" for k in (*g.set, *g.grid)):
                     raise ValueError(f"seeds: runs.{name} sets its own seed; give one or the other")
         names = list(self.runs)
         for name, g in self.runs.items():

@@ -225,8 +225,9 @@ def _load_raw(path: str | Path, device: str, dtype: torch.dtype):
             return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
         hf = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
                                                   attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise HFLoadError(f"{path}: cannot load the checkpoint ({' '.join(str(e).split())[:300]})") from None
+    except Exception as e:  # a truncated safetensors file, a shape mismatch, ...: whatever transformers raises
+        raise HFLoadError(f"{path}: cannot load the checkpoint ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
     return hf.to(device).eval()
 
 

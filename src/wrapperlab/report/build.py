@@ -65,9 +65,13 @@ def _table(rows: list[dict], cols: dict[str, str], num: set[str] = frozenset()) 
 
 
 def seeds_note(c: dict) -> str:
-    """"k of N seeds" for a claim judged on several seeds, else ""."""
-    n = len(c.get("seeds", ()))
-    return f"{c.get('reproduced_on', 0)} of {n} seeds" if n > 1 else ""
+    """"k of N seeds" for a claim judged on several seeds ("k of M measured, N seeds" when some seeds did not
+    measure it), else ""."""
+    n, m = len(c.get("seeds", ())), c.get("measured_on", 0)
+    if n <= 1:
+        return ""
+    k = c.get("reproduced_on", 0)
+    return f"{k} of {n} seeds" if m in (0, n) else f"{k} of {m} measured seeds ({n} in all)"
 
 
 def _claims_html(claims: list[dict]) -> str:

@@ -86,7 +86,8 @@ class RunRecord:
             return f"{self.cfg['task']['dataset']} lr {self.cfg['train']['lr']:g}"
         if self.is_tracr:
             return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
-        return f"{self.prior} prior η{self.eta} C_Tr={self.c_train:g}"
+        fam = "" if self.family == "count" else f" {self.family}"  # the counting runs keep their short tags
+        return f"{self.prior} prior{fam} η{self.eta} C_Tr={self.c_train:g}"
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _claim(cid: str, claim: str, paper: str, where: str, cases: list[tuple], mis
     if excluded:
         evidence += " | not counted: " + "; ".join(excluded)
     return {"id": cid, "claim": claim, "paper": paper, "where": where, "evidence": evidence, "rule": rule,
-            "status": status, "cases": len(cases), "details": details}
+            "status": status, "cases": len(cases), "details": details, "excluded": list(excluded)}
 
 
 def _pct(x: float | None) -> str:
@@ -280,7 +281,7 @@ def claim_spurious(ev: Evidence) -> dict:
 def claim_prior(ev: Evidence) -> dict:
     cases = []
     fts = ev.finetunes()
-    capable, excluded = _capable(ev, "verdict", prior="high")
+    capable, excluded = _capable(ev, "verdict", prior="high", eta=("M", "S", "VS"))
     for hi in capable:
         label = hi.results["verdict"].meta.get("verdict")
         cases.append((f"{hi.tag()}: verdict {label} ({hi.results['verdict'].meta.get('why')})",
@@ -292,14 +293,16 @@ def claim_prior(ev: Evidence) -> dict:
             a_hi, a_lo = hi.acc("o_pt", 0.0), lo.acc("o_pt", 0.0)
             if a_hi is None or a_lo is None:
                 continue
-            cases.append((f"η{hi.eta} C_Tr={hi.c_train:g}: O_PT after FT {_pct(a_hi)} ({hi.prior}) vs {_pct(a_lo)} "
-                          f"(low)", a_hi >= a_lo, {f"O_PT {hi.prior}": a_hi, "O_PT low": a_lo}))
+            fam = "" if hi.family == "count" else f" {hi.family}"
+            cases.append((f"{hi.prior} vs low prior{fam} η{hi.eta} C_Tr={hi.c_train:g}: O_PT after FT {_pct(a_hi)} "
+                          f"({hi.prior}) vs {_pct(a_lo)} (low)", a_hi >= a_lo,
+                          {f"O_PT {hi.prior}": a_hi, "O_PT low": a_lo}))
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
                   "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
                   "(`wrapperlab reproduce`)", "O_PT after FT is at least as high with the higher prior; a "
-                  "high-prior fine-tune's verdict keeps the PT behaviour (amplification, or unchanged when the "
-                  "pretrained model already counts O_FT), not a wrapper or deletion", excluded)
+                  "high-prior η_M/η_S/η_VS fine-tune's verdict keeps the PT behaviour (amplification, or unchanged "
+                  "when the pretrained model already counts O_FT), not a wrapper or deletion", excluded)
 
 
 def claim_tracr_attention(ev: Evidence) -> dict:
@@ -366,7 +369,8 @@ def _within(s: dict) -> str:
 
 def claim_randft(ev: Evidence) -> dict:
     runs, excluded = _capable(ev, "revival", randft=True)
-    ordinary = {(r.prior, r.eta, r.seed): r.results["revival"] for r in ev.finetunes() if "revival" in r.results}
+    ordinary = {(r.prior, r.family, r.eta, r.c_train, r.seed): r.results["revival"] for r in ev.finetunes()
+                if "revival" in r.results}
     cases = []
     for r in runs:
         summ = {s["curve"]: s for s in r.results["revival"].tables.get("summary", [])}
@@ -379,7 +383,7 @@ def claim_randft(ev: Evidence) -> dict:
             rs <= TH.revival_ratio * (b["steps_to_target"] if b["steps_to_target"] is not None else b["steps"] + 1)
             for b in bases)
         base_txt = ", ".join(f"{'Scr.+FT' if b['curve'] == 'scr+ft' else 'Scr.'} {_within(b)}" for b in bases)
-        plain = ordinary.get((r.prior, r.eta, r.seed))
+        plain = ordinary.get((r.prior, r.family, r.eta, r.c_train, r.seed))
         plain_steps = next((s["steps_to_target"] for s in plain.tables.get("summary", []) if s["curve"] == "reft"),
                            None) if plain is not None else None
         also = f"; ordinary reFT after the same η: {plain_steps if plain_steps is not None else 'n/a'}" \
@@ -525,12 +529,14 @@ def across_seeds(per: dict[int, dict]) -> dict:
             settings.setdefault(d["setting"], []).append((s, d))
     parts, spreads = [], {}
     for setting, hits in settings.items():
-        agree = sum(d["ok"] for _, d in hits)
+        # a setting agrees on a seed when every case of it on that seed agrees (one count per seed)
+        by_seed = {s: all(d["ok"] for s_, d in hits if s_ == s) for s in dict.fromkeys(s for s, _ in hits)}
         names = dict.fromkeys(n for _, d in hits for n in d["values"])
         ranges = {n: [d["values"][n] for _, d in hits if n in d["values"]] for n in names}
         spreads[setting] = {n: [min(v), max(v)] for n, v in ranges.items()}
         txt = ", ".join(f"{n} {_spread(n, v)}" for n, v in ranges.items())
-        parts.append(f"{setting}: agrees on {agree} of {len(hits)} seeds" + (f" ({txt})" if txt else ""))
+        parts.append(f"{setting}: agrees on {sum(by_seed.values())} of {len(by_seed)} seeds"
+                     + (f" ({txt})" if txt else ""))
     not_measured = [s for s in seeds if s not in measured]
     head = f"{k} of {len(seeds)} seeds reproduce (" + ", ".join(f"seed {s}: {per[s]['status']}" for s in seeds) + ")"
     evidence = head + ("; " + "; ".join(parts) if parts else "")
@@ -538,8 +544,12 @@ def across_seeds(per: dict[int, dict]) -> dict:
         evidence = f"{first['evidence']} (on none of seeds {', '.join(map(str, seeds))})"
     elif not_measured:
         evidence += f" | not measured on seed {', '.join(map(str, not_measured))}"
-    return {**{k_: v for k_, v in first.items() if k_ not in ("evidence", "status", "cases", "details")},
+    excluded = [f"seed {s}: {note}" for s in seeds for note in per[s].get("excluded", [])]
+    if excluded and measured:
+        evidence += " | not counted: " + "; ".join(excluded)
+    return {**{k_: v for k_, v in first.items() if k_ not in ("evidence", "status", "cases", "details", "excluded")},
             "rule": f"{first['rule']}; across seeds: {SEED_RULE}", "status": status, "evidence": evidence,
             "cases": sum(per[s]["cases"] for s in seeds), "seeds": seeds, "reproduced_on": k,
-            "per_seed": {str(s): per[s]["status"] for s in seeds}, "spread": spreads,
+            "measured_on": len(measured), "per_seed": {str(s): per[s]["status"] for s in seeds},
+            "spread": spreads, "excluded": excluded,
             "details": [d | {"seed": s} for s in seeds for d in per[s]["details"]]}

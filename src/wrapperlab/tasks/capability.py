@@ -146,9 +146,9 @@ class Capability:
             if max(p + a) >= vocab_size:
                 raise CapabilityError(f"{where}: token id {max(p + a)} is beyond the model's vocabulary "
                                       f"({vocab_size}); the tokenizer does not belong to this model")
-            if seq_len and len(p) + len(a) > seq_len:
-                raise CapabilityError(f"{where}: prompt + answer is {len(p) + len(a)} tokens, beyond the model's "
-                                      f"context ({seq_len})")
+            if seq_len and len(p) + len(a) - 1 > seq_len:  # the model reads every token but the last answer token
+                raise CapabilityError(f"{where}: prompt + answer is {len(p) + len(a)} tokens; the model would read "
+                                      f"{len(p) + len(a) - 1}, beyond its context ({seq_len})")
             prompts.append(p)
             answers.append(a)
         keys = [r.label if r.label is not None else r.answer for r in records]
@@ -203,6 +203,8 @@ class CapabilityTaskConfig(BaseModel):
     vocab_size: int = Field(ge=1, description="the model's vocabulary (token ids must stay below it)")
     seq_len: int | None = Field(None, ge=1, description="the model's context, when it has a fixed one")
     test_frac: float = Field(0.25, gt=0, lt=1, description="records held out for evaluation")
+    digest: str | None = Field(None, description="fingerprint of the records and the starting model this stage was "
+                                                 "configured with: a file changed in place gets a new run id")
     split_seed: int = Field(0, ge=0, description="seed of the train/held-out split")
     o_pt: str = "capability"
     o_ft: str = "capability"
@@ -238,7 +240,11 @@ class CapabilityTask:
             if (c.tokenizer is None) == (c.words is None):
                 raise CapabilityError("task: a capability task needs exactly one of tokenizer (a model directory) "
                                       "and words (a word vocabulary)")
-            tok = HFTokenizer(c.tokenizer) if c.tokenizer else WordTokenizer(c.words)
+            try:
+                tok = HFTokenizer(c.tokenizer) if c.tokenizer else WordTokenizer(c.words)
+            except Exception as e:  # whatever a broken tokenizer file raises inside transformers
+                raise CapabilityError(f"task.tokenizer: cannot load the tokenizer of {c.tokenizer} "
+                                      f"({' '.join(str(e).split())[:200]})") from None
             self._caps[path] = Capability.build(read_records(path), tok, c.vocab_size, c.seq_len, path)
         return self._caps[path]
 

@@ -352,8 +352,8 @@ def _check_run(stage: str, parent: str | None, train, ev, task: TaskConfig) -> N
         if train.answer_operand not in TERMINALS:
             raise ValueError(f"train.answer_operand: unknown operand {train.answer_operand!r}; choose from "
                              f"{', '.join(TERMINALS)}")
-        if stage != "finetune" or train.family is None or not get_family(train.family).uses_operand \
-                or train.c_train:
+        if stage != "finetune" or train.c_train or (train.family is not None
+                                                   and not get_family(train.family).uses_operand):
             raise ValueError("train.answer_operand: randFT is a finetune stage on one family that takes an operand, "
                              "without a spurious correlation (paper App. E.4)")
         if train.operand is not None and train.operand == train.answer_operand:

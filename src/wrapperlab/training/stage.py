@@ -97,7 +97,7 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
         cfg = validate(raw)
     if cfg.init:  # the weights a parentless stage starts from must fit its model
         init = parent_info(cfg.init)
-        if init["config"]["model"] != cfg.model.model_dump(mode="json"):
+        if not _same_model(init["config"]["model"], cfg.model):
             raise ConfigError(f"init: {cfg.init} holds a different model ({init['config']['model']}) than this "
                               f"stage's ({cfg.model.model_dump(mode='json')})")
     if cfg.train.method == "lora":  # the targets must be linear maps of this family: checked on a weightless model
@@ -115,7 +115,23 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
         cfg.train.family = get_task_kind(cfg.task.kind).default_family(cfg.task)
     if cfg.stage != "pretrain" and cfg.train.operand is None and cfg.train.family is not None:
         cfg.train.operand = cfg.task.o_ft if cfg.stage == "finetune" else cfg.task.o_pt
+    try:  # the task's rules again, now that the family and operand defaults are filled in
+        get_task_kind(cfg.task.kind).check_run(cfg.stage, cfg.parent, cfg.train, cfg.eval, cfg.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg, parent
+
+
+def _same_model(stored: dict, model) -> bool:
+    """A sidecar's model section (validated, so fields added since it was written take their defaults) is ``model``."""
+    from pydantic import ValidationError
+
+    if (stored.get("family") or "gpt") != model.family:
+        return False
+    try:
+        return type(model).model_validate(stored) == model
+    except ValidationError:
+        return False
 
 
 def make_task(cfg: RunConfig) -> Task:
@@ -168,6 +184,12 @@ class Stage:
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
+        model = self._starting_model()
+        return model, make_optimizer(self._trainable(model), self.cfg), 0, []
+
+    def _starting_model(self) -> torch.nn.Module:
+        """The model at step 0 on the run's device: a fresh init, the family's own weights, or the parent's (or
+        init run's) weights."""
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg, self.task)
         pretrained = get_family(self.cfg.model.family).pretrained
@@ -178,8 +200,7 @@ class Stage:
             _, tensors = ck.load_tensors(start, self.parent)
             what = f"{'parent' if self.parent else 'init'} {start}"
             ck.load_model_state(model, ck.split_prefix(tensors, "model"), what)
-        model.to(self.cfg.device)
-        return model, make_optimizer(self._trainable(model), self.cfg), 0, []
+        return model.to(self.cfg.device)
 
     def _trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the optimizer updates: the model, or (``train.method=lora``) adapters attached to it."""
@@ -194,11 +215,10 @@ class Stage:
 
     def _resume(self, side: dict) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
         _, tensors = ck.load_tensors(self.run_dir, side)
-        model = build_model(self.cfg, self.task)
         if self.cfg.train.method == "lora":  # the frozen base is the starting model; the run saved it merged
-            model = self._fresh()[0]
-            self.lora.remove()
+            model = self._starting_model()
         else:
+            model = build_model(self.cfg, self.task)
             ck.load_model_state(model, ck.split_prefix(tensors, "model"), str(self.run_dir))
         model.to(self.cfg.device)
         opt = make_optimizer(self._trainable(model), self.cfg)
