@@ -192,7 +192,7 @@ def test_a_lora_adapter_is_analysed_merged_and_its_delta_is_b_times_a(tmp_path, 
         load_any(f"{checkpoints['llama']}+{tmp_path}")
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
 def test_the_pair_verdict_runs_on_tiny_hf_models(tmp_path, checkpoints, arch):
     """A base, a fine-tune that moved its MLP output weights, both with a word-level tokenizer; the capability is
     the base's own greedy answers, so the base scores 100 % by construction."""
@@ -234,7 +234,8 @@ def test_the_pair_verdict_runs_on_tiny_hf_models(tmp_path, checkpoints, arch):
     assert {u["matrix"] for u in res["evidence"]["prune"]["tables"]["units"]} <= set(
         n for n in {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
                     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                    "mlp.c_proj"})
 
 
 def test_relearning_an_hf_model_resumes_bit_identically_with_tied_weights(tmp_path, checkpoints):
