@@ -300,9 +300,10 @@ def claim_prior(ev: Evidence) -> dict:
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
                   "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
-                  "(`wrapperlab reproduce`)", "O_PT after FT is at least as high with the higher prior; a "
-                  "high-prior η_M/η_S/η_VS fine-tune's verdict keeps the PT behaviour (amplification, or unchanged "
-                  "when the pretrained model already counts O_FT), not a wrapper or deletion", excluded)
+                  "(`wrapperlab reproduce --preset full`)",
+                  "O_PT after FT is at least as high with the higher prior; a high-prior η_M/η_S/η_VS fine-tune's "
+                  "verdict keeps the PT behaviour (amplification, or unchanged when the pretrained model already "
+                  "counts O_FT), not a wrapper or deletion", excluded)
 
 
 def claim_tracr_attention(ev: Evidence) -> dict:
