@@ -15,6 +15,8 @@ Claims (paper §5 and its appendices; the section and figure are in each row):
 - prior: a higher prior on O_FT keeps more O_PT accuracy through fine-tuning (Fig. 6), and the high-prior
   fine-tune keeps the PT behaviour (amplification of a relevant capability, not a wrapper).
 - randft: after fine-tuning on deliberately wrong answers, reFT revives faster than Scr. and Scr.+FT (App. E.4).
+- pt-mix: with pretraining data mixed into fine-tuning, less mixed-in data loses more O_PT accuracy (low prior)
+  while the fine-tuning task is learned alike at every mix (App. E.1).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
 - tracr-revival: reFT of the Counter after η_M fine-tuning revives counting `a` faster than Scr.+FT (Table 4).
@@ -34,6 +36,8 @@ from wrapperlab.analysis.verdict import Thresholds, probe_check, prune_check, re
 from wrapperlab.tasks.priors import prior_name, resolve_prior
 from wrapperlab.training import checkpoint as ck
 
+PT_MIX_TOLERANCE = 0.02  # about one binomial standard error of an accuracy near 50 % on 500 samples
+PT_MIX_FT_SPREAD = 0.10  # "similar gains" (App. E.1, Figs. 18, 20): final O_FT of the mixes within 10 points
 STORY_PROBE_TOLERANCE = 0.02  # the paper's Fig. 11a spread between models is a few points of a 0.84–0.95 range
 REPRODUCED, PARTIAL, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partial", "not reproduced", "not measured"
 TH = Thresholds()
@@ -77,6 +81,15 @@ class RunRecord:
     def family(self) -> str:
         return self.cfg["eval"].get("family") or self.cfg["train"].get("family") or "count"
 
+    @property
+    def pt_mix(self) -> float:
+        return float(self.cfg["train"].get("pt_mix") or 0.0)
+
+    @property
+    def protocol(self) -> str:
+        """"randft" (trained on wrong answers, App. E.4), "pt-mix" (pretraining data mixed in, App. E.1) or ""."""
+        return "randft" if self.cfg["train"].get("answer_operand") else "pt-mix" if self.pt_mix else ""
+
     def acc(self, operand_key: str, c_test: float, step: int | None = None, key: str = "acc") -> float | None:
         op = self.cfg["task"][operand_key]
         return metric_at(self.side.get("metrics", []), self.family, op, c_test, step, key)
@@ -87,7 +100,8 @@ class RunRecord:
         if self.is_tracr:
             return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
         fam = "" if self.family == "count" else f" {self.family}"  # the counting runs keep their short tags
-        return f"{self.prior} prior{fam} η{self.eta} C_Tr={self.c_train:g}"
+        mix = f" PT mix {100 * self.pt_mix:g} %" if self.pt_mix else ""
+        return f"{self.prior} prior{fam} η{self.eta} C_Tr={self.c_train:g}{mix}"
 
 
 @dataclass
@@ -124,14 +138,14 @@ class Evidence:
     def only_seed(self, seed: int) -> Evidence:
         return Evidence([r for r in self.runs if r.seed == seed])
 
-    def finetunes(self, tracr: bool = False, randft: bool = False, **match) -> list[RunRecord]:
-        """Fine-tunes of PCFG (or Tracr) tasks matching ``match``: ordinary ones, or (``randft``) those trained on
-        deliberately wrong answers (App. E.4), which no other claim reads."""
+    def finetunes(self, tracr: bool = False, protocol: str = "", **match) -> list[RunRecord]:
+        """Fine-tunes of PCFG (or Tracr) tasks matching ``match``: ordinary ones, or those of one appendix protocol
+        (``RunRecord.protocol``), which only that protocol's claim reads."""
         out = []
         for r in self.runs:
             if r.side.get("stage") != "finetune" or r.kind != ("tracr" if tracr else "pcfg"):
                 continue
-            if bool(r.cfg["train"].get("answer_operand")) != randft:
+            if r.protocol != protocol:
                 continue
             if all(getattr(r, k) in (v if isinstance(v, (list, tuple, set)) else (v,)) for k, v in match.items()):
                 out.append(r)
@@ -162,12 +176,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _capable(ev: Evidence, tool: str, randft: bool = False, **match) -> tuple[list[RunRecord], list[str]]:
+def _capable(ev: Evidence, tool: str, protocol: str = "", **match) -> tuple[list[RunRecord], list[str]]:
     """Fine-tunes with a stored ``tool`` result whose pretrained model had the capability at all (O_PT accuracy
     before fine-tuning at least ``behaviour_drop`` above the majority rate): a wrapper or a revival of a
     capability that never existed means nothing. Returns (usable runs, notes on the excluded ones)."""
     keep, notes = [], []
-    for r in ev.finetunes(randft=randft, **match):
+    for r in ev.finetunes(protocol=protocol, **match):
         if tool not in r.results:
             continue
         pre, maj = r.acc("o_pt", 0.0, step=0), r.acc("o_pt", 0.0, step=0, key="majority")
@@ -369,7 +383,7 @@ def _within(s: dict) -> str:
 
 
 def claim_randft(ev: Evidence) -> dict:
-    runs, excluded = _capable(ev, "revival", randft=True)
+    runs, excluded = _capable(ev, "revival", protocol="randft")
     ordinary = {(r.prior, r.family, r.eta, r.c_train, r.seed): r.results["revival"] for r in ev.finetunes()
                 if "revival" in r.results}
     cases = []
@@ -399,6 +413,39 @@ def claim_randft(ev: Evidence) -> dict:
                   "no revival of a randFT fine-tune stored (`wrapperlab reproduce --preset full`)",
                   f"reFT reaches the target in ≤ {TH.revival_ratio:g} × the steps of every stored baseline (Scr.+FT, "
                   f"Scr.); ordinary reFT's steps are shown beside it", excluded)
+
+
+def claim_pt_mix(ev: Evidence) -> dict:
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in ev.finetunes(protocol="pt-mix"):
+        groups.setdefault((r.prior, r.family, r.eta, r.c_train), []).append(r)
+    cases = []
+    for (prior, family, eta, c), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r.pt_mix)
+        side = 1.0 if c == 1.0 else 0.0  # the FT task is judged where the training data put it
+        pt = [(r.pt_mix, r.acc("o_pt", 0.0)) for r in runs]
+        ft = [(r.pt_mix, r.acc("o_ft", side)) for r in runs]
+        if len(runs) < 2 or any(a is None for _, a in pt + ft):
+            continue
+        fam = "" if family == "count" else f" {family}"
+        where = f"{prior} prior{fam} η{eta} C_Tr={c:g}"
+        shown = ", ".join(f"{_pct(a)} at {100 * m:g} %" for m, a in pt)
+        if prior == "low":  # Fig. 19; the high-prior captions (Figs. 20, 21) state only the FT gains
+            ok = all(hi >= lo - PT_MIX_TOLERANCE for (_, lo), (_, hi) in zip(pt, pt[1:]))
+            cases.append((f"{where} O_PT: after FT {shown} mixed in", ok,
+                          {f"O_PT at {100 * m:g} %": a for m, a in pt}))
+        spread = max(a for _, a in ft) - min(a for _, a in ft)
+        cases.append((f"{where} O_FT: C_Te={side:g} " + ", ".join(f"{_pct(a)} at {100 * m:g} %" for m, a in ft),
+                      spread <= PT_MIX_FT_SPREAD, {f"O_FT at {100 * m:g} %": a for m, a in ft}))
+    return _claim("pt-mix", "Mixing pretraining data into fine-tuning does not change the picture: the fine-tuning "
+                  "task is learned alike, and the less pretraining data is mixed in, the more O_PT accuracy is lost",
+                  "similar FT gains at 50 %, 10 % and 0.1 % mixed in (Figs. 18, 20); with the low prior, O_PT drops "
+                  "more when less pretraining data is mixed in (Fig. 19)", "paper App. E.1, Figs. 18–21", cases,
+                  "no fine-tunes with pretraining data mixed in stored (`train.pt_mix`; `wrapperlab reproduce "
+                  "--preset full`)",
+                  f"low prior: O_PT after FT does not fall (by more than {100 * PT_MIX_TOLERANCE:g} points) as the "
+                  f"mixed-in share grows; every prior: final O_FT of the mixes within {100 * PT_MIX_FT_SPREAD:g} "
+                  f"points")
 
 
 def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
@@ -482,6 +529,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
 
 
 CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior, claim_randft,
+          claim_pt_mix,
           claim_tracr_attention, claim_tracr_maxid, claim_tracr_revival, claim_tinystories, claim_tinystories_probe)
 
 

@@ -82,6 +82,7 @@ class TaskKind:
     reft_below_parent: bool = True  # the paper's rule for PCFG and Tracr (App. D): reFT LR < the fine-tuning LR
     evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
     wrong_answers: bool = False  # sample() takes answer_operand (randFT, paper App. E.4)
+    pt_mix: bool = False  # sample() with no family/operand draws the pretraining distribution (paper App. E.1)
 
 
 KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN, group="wrapperlab.task_kinds")

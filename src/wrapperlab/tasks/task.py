@@ -118,6 +118,15 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def concat(self, other: Batch) -> Batch:
+        """This batch followed by ``other`` (same sequence length); sources and texts only when both carry them."""
+        def cat(a, b):
+            return None if a is None or b is None else (a + b if isinstance(a, list) else np.concatenate([a, b]))
+
+        return Batch(*(cat(getattr(self, f), getattr(other, f)) for f in
+                       ("tokens", "answer", "value", "value_pt", "family", "operand", "o2", "spurious", "n_edits",
+                        "source", "text")), rejected=self.rejected + other.rejected, extra={**self.extra, **other.extra})
+
 
 class PCFGTask:
     def __init__(self, config: TaskConfig | None = None):
@@ -360,9 +369,12 @@ def _check_run(stage: str, parent: str | None, train, ev, task: TaskConfig) -> N
             raise ValueError("train.answer_operand: equal to train.operand, so the answers would be right")
     if train.c_train > 0 and train.family not in SPURIOUS_FAMILIES:
         raise ValueError(f"train.c_train: a spurious correlation needs train.family in {SPURIOUS_FAMILIES}")
+    if train.pt_mix and stage != "finetune":
+        raise ValueError(f"train.pt_mix: pretraining data are mixed into a finetune stage (paper App. E.1), not a "
+                         f"{stage} stage")
 
 
 KIND = register(TaskKind("pcfg", TaskConfig, PCFGTask, _check_run, lambda cfg: "count",
                          ("q", "o_pt", "o_ft", "prior", "families"),
                          "the paper's PCFG: five counting/indexing families over a probabilistic grammar",
-                         wrong_answers=True))
+                         wrong_answers=True, pt_mix=True))

@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     answer_operand: str | None = Field(None, description="randFT (paper App. E.4): train on the answer for this "
                                                          "operand, not for the operand the input asks about (a "
                                                          "deliberately wrong answer)")
+    pt_mix: float = Field(0.0, ge=0, le=1, description="fine-tuning with pretraining data mixed in (paper App. E.1): "
+                                                       "each sample of a batch is drawn from the pretraining "
+                                                       "distribution (family mix, operand prior, no spurious edit) "
+                                                       "with this probability")
     seed: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 = bf16 autocast for the training step's forward and backward (weights, "
@@ -176,6 +180,9 @@ class RunConfig(BaseModel):
         if self.train.answer_operand is not None and not get_task_kind(self.task.kind).wrong_answers:
             raise ValueError(f"train.answer_operand: a {self.task.kind} task cannot train on another operand's "
                              f"answers (randFT is defined for PCFG tasks)")
+        if self.train.pt_mix and not get_task_kind(self.task.kind).pt_mix:
+            raise ValueError(f"train.pt_mix: a {self.task.kind} task has no pretraining distribution to mix in "
+                             f"(App. E.1 is defined for PCFG tasks)")
         if self.init and self.parent:
             raise ValueError("init: a stage starts from its parent or from init, not both")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
@@ -204,6 +211,8 @@ class RunConfig(BaseModel):
             d["train"].pop("precision")
         if d["train"]["answer_operand"] is None:
             d["train"].pop("answer_operand")
+        if not d["train"]["pt_mix"]:
+            d["train"].pop("pt_mix")
         if d["train"]["method"] == "full":
             for k in ("method", "lora_rank", "lora_alpha", "lora_targets"):
                 d["train"].pop(k)

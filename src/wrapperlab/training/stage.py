@@ -267,8 +267,12 @@ class Stage:
         """The training batch of ``step``: a function of ``(train.seed, step)`` alone (exact resumes)."""
         t = self.cfg.train
         wrong = {"answer_operand": t.answer_operand} if t.answer_operand else {}  # randFT (App. E.4)
-        return self.task.sample(t.batch_size, np.random.default_rng([t.seed, step]), family=t.family,
-                                operand=t.operand, c=t.c_train, **wrong)
+        rng = np.random.default_rng([t.seed, step])
+        n_pt = int(rng.binomial(t.batch_size, t.pt_mix)) if t.pt_mix else 0  # PT data mixed in (App. E.1)
+        if n_pt == t.batch_size:
+            return self.task.sample(n_pt, rng)
+        batch = self.task.sample(t.batch_size - n_pt, rng, family=t.family, operand=t.operand, c=t.c_train, **wrong)
+        return batch.concat(self.task.sample(n_pt, rng)) if n_pt else batch
 
     def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int, batch=None) -> float:
         """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)`` unless given,
