@@ -83,8 +83,15 @@ def _run(mix, post_a, post_b, prior="low", seed=0):
 
 
 def test_pt_mix_claim_follows_its_rule_and_no_other_claim_reads_mixed_runs():
-    from wrapperlab.report.claims import (NOT_MEASURED, NOT_REPRODUCED, PARTIAL, REPRODUCED, Evidence,
-                                          claim_pt_mix, claim_spurious)
+    from wrapperlab.report.claims import (
+        NOT_MEASURED,
+        NOT_REPRODUCED,
+        PARTIAL,
+        REPRODUCED,
+        Evidence,
+        claim_pt_mix,
+        claim_spurious,
+    )
 
     def status(*runs):
         return claim_pt_mix(Evidence(list(runs)))["status"]
@@ -92,7 +99,7 @@ def test_pt_mix_claim_follows_its_rule_and_no_other_claim_reads_mixed_runs():
     # Fig. 19: with more pretraining data mixed in, O_PT falls less; Fig. 18: the FT task is learned alike
     assert status(_run(0.001, 0.05, 1.0), _run(0.1, 0.40, 1.0), _run(0.5, 0.90, 0.97)) == REPRODUCED
     assert status(_run(0.001, 0.05, 1.0), _run(0.1, 0.40, 1.0), _run(0.5, 0.30, 0.97)) == PARTIAL  # 0.30 < 0.40-0.02
-    assert status(_run(0.001, 0.05, 1.0), _run(0.1, 0.04, 1.0), _run(0.5, 0.90, 0.97)) == REPRODUCED  # 0.04 >= 0.05-0.02
+    assert status(_run(0.001, 0.05, 1.0), _run(0.1, 0.04, 1.0), _run(0.5, 0.90, 0.97)) == REPRODUCED  # 0.04 ok
     assert status(_run(0.001, 0.90, 1.0), _run(0.5, 0.05, 0.5)) == NOT_REPRODUCED  # both rules fail
     # the high prior is judged on the FT gains only (its captions state nothing about O_PT)
     c = claim_pt_mix(Evidence([_run(0.001, 0.9, 1.0, "high"), _run(0.5, 0.1, 0.95, "high")]))

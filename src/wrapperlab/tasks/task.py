@@ -123,9 +123,10 @@ class Batch:
         def cat(a, b):
             return None if a is None or b is None else (a + b if isinstance(a, list) else np.concatenate([a, b]))
 
-        return Batch(*(cat(getattr(self, f), getattr(other, f)) for f in
-                       ("tokens", "answer", "value", "value_pt", "family", "operand", "o2", "spurious", "n_edits",
-                        "source", "text")), rejected=self.rejected + other.rejected, extra={**self.extra, **other.extra})
+        fields = ("tokens", "answer", "value", "value_pt", "family", "operand", "o2", "spurious", "n_edits", "source",
+                  "text")
+        return Batch(*(cat(getattr(self, f), getattr(other, f)) for f in fields),
+                     rejected=self.rejected + other.rejected, extra={**self.extra, **other.extra})
 
 
 class PCFGTask:
