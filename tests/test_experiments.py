@@ -17,6 +17,7 @@ from conftest import one_line_error, wl
 from wrapperlab.experiments.plan import build_plan
 from wrapperlab.experiments.spec import SpecError, load_spec, parse_spec
 from wrapperlab.experiments.store import Store
+from wrapperlab.tasks.priors import resolve_prior
 from wrapperlab.training import checkpoint as ck
 
 SHAPE = {"task.window": 32, "model.d_model": 32, "model.n_layer": 1, "model.n_head": 2}
@@ -302,6 +303,9 @@ def test_reproduce_presets_are_valid_specs_whose_every_config_resolves(tmp_path,
     tools = {n.group for n in plan.analyses()}
     assert tools == {"probe", "prune", "revival", "verdict", "attention_signature"}
     if preset != "quick":  # the appendix protocols and the Tracr revival are part of the whole grid
+        mix = plan.runs("ft_mix")
+        assert {n.side["config"]["train"]["pt_mix"] for n in mix} == {0.5, 0.1, 0.001}
+        assert {n.side["config"]["task"]["prior"] for n in mix} == {"low", "high"}
         randft = plan.runs("ft_randft")
         assert randft and {(n.side["config"]["train"]["operand"], n.side["config"]["train"]["answer_operand"])
                            for n in randft} == {("a", "b")}
@@ -314,6 +318,27 @@ def test_reproduce_presets_are_valid_specs_whose_every_config_resolves(tmp_path,
 
 def test_reproduce_rejects_an_unknown_preset():
     one_line_error(wl("reproduce", "--preset", "huge"), "--preset", "quick")
+
+
+def test_reproduce_prior_adds_the_high_prior_pair_to_quick_and_keeps_quicks_runs(tmp_path):
+    """--prior: quick's runs keep their ids, and a high-prior model is fine-tuned at the same η and C_Tr as the
+    low-prior ones, with a verdict each (what the prior claim reads); the other presets refuse it."""
+    plain = build_plan(parse_spec(yaml.safe_load(wl("reproduce", "--show-spec").stdout)), tmp_path / "a")
+    r = wl("reproduce", "--prior", "--show-spec")
+    assert r.returncode == 0, r.stderr
+    plan = build_plan(parse_spec(yaml.safe_load(r.stdout)), tmp_path / "b")
+    assert {n.run_id for n in plain.runs()} < {n.run_id for n in plan.runs()}
+    cfg = {n.run_id: n.side["config"] for n in plan.runs()}
+    high = plan.runs("ft_high")
+    low = [n for n in plan.runs() if n.group in ("ft", "ft_spurious")]
+    (pt_high,) = plan.runs("pt_high")
+    assert resolve_prior(pt_high.side["config"]["task"]["prior"]) == resolve_prior("high")
+    assert high and all(n.side["config"]["parent"].endswith(pt_high.run_id) for n in high)
+    pair = {(cfg[n.run_id]["train"]["lr"], cfg[n.run_id]["train"]["c_train"]) for n in high}
+    assert pair <= {(cfg[n.run_id]["train"]["lr"], cfg[n.run_id]["train"]["c_train"]) for n in low}
+    assert {a.run_id for a in plan.analyses("verdict")} >= {n.run_id for n in high}
+    for preset in ("full", "paper"):
+        one_line_error(wl("reproduce", "--preset", preset, "--prior"), "--prior", "already")
 
 
 @pytest.mark.slow

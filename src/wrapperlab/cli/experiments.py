@@ -214,6 +214,10 @@ def print_claims(claims: list[dict]) -> None:
                "claims of the paper, checked against stored results")
 
 
+def _preset_text(name: str) -> str:
+    return resources.files("wrapperlab.data").joinpath("experiments", f"{name}.yaml").read_text()
+
+
 def reproduce_cmd(
     preset: str = typer.Option("quick", help="quick (core claims, ~15 min on 2 cores), full (the paper's PCFG and "
                                              "Tracr grid at CPU scale, docs/experiments.md; hours, resumable), "
@@ -230,6 +234,10 @@ def reproduce_cmd(
     stories: bool = typer.Option(False, "--stories", help="also run the TinyStories protocol (`stories table`, "
                                                           "cpu preset, ~30 min on 2 cores) into OUT/stories; its "
                                                           "claims join the report"),
+    prior: bool = typer.Option(False, "--prior", help="quick only: also pretrain under the high prior and "
+                                                       "fine-tune it beside the low-prior model, so the `prior` "
+                                                       "claim is measured (about 1.5x the quick wall time; full "
+                                                       "and paper always include it)"),
     seeds: int | None = SEEDS_OPT,
 ) -> None:
     """Reproduce the paper: run the preset's experiment spec (runs, analyses), then write the HTML report and
@@ -239,14 +247,23 @@ def reproduce_cmd(
 
     if preset not in REPRODUCE_PRESETS:
         _fail(f"--preset: unknown {preset!r}; choose from {', '.join(REPRODUCE_PRESETS)}")
-    text = resources.files("wrapperlab.data").joinpath("experiments", f"{preset}.yaml").read_text()
-    if show_spec:
-        print(text)
-        return
+    if prior and preset != "quick":
+        _fail(f"--prior: the {preset} preset already pretrains under the high prior; --prior adds it to quick")
     import yaml
 
+    data = yaml.safe_load(_preset_text(preset))
+    if prior:
+        extra = yaml.safe_load(_preset_text("quick-prior"))
+        data["runs"].update(extra["runs"])
+        data["analyses"] += extra["analyses"]
+        data["name"] = "quick-prior"
+    if show_spec:
+        if prior:  # YAML 1.1 reads a bare `on:` key as true; write it back as `on`
+            data["analyses"] = [{("on" if k is True else k): v for k, v in a.items()} for a in data["analyses"]]
+        print(_preset_text(preset) if not prior else yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        return
     with user_errors():
-        spec = parse_spec(yaml.safe_load(text), f"preset {preset}")
+        spec = parse_spec(data, f"preset {preset}" + (" with --prior" if prior else ""))
     spec = with_seeds(spec, seeds)
     if stories and preset == "paper":
         _fail("--stories: the paper-scale TinyStories protocol needs real shards and a judge: run `wrapperlab "
@@ -264,7 +281,8 @@ def reproduce_cmd(
                              log=None if as_json or not progress
                              else (lambda s: err.print(s, highlight=False, markup=False)))
     with user_errors():
-        rep = build_report(out_dir, out_dir / "report", f"wrapperlab reproduce --preset {preset}")
+        rep = build_report(out_dir, out_dir / "report",
+                           f"wrapperlab reproduce --preset {preset}" + (" --prior" if prior else ""))
     if as_json:
         print(json.dumps({**res, "report": rep["path"], "claims": rep["claims"]}))
     else:
