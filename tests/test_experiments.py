@@ -329,8 +329,8 @@ def test_reproduce_prior_adds_the_high_prior_pair_to_quick_and_keeps_quicks_runs
     plan = build_plan(parse_spec(yaml.safe_load(r.stdout)), tmp_path / "b")
     assert {n.run_id for n in plain.runs()} < {n.run_id for n in plan.runs()}
     cfg = {n.run_id: n.side["config"] for n in plan.runs()}
-    high = plan.runs("ft_high")
-    low = [n for n in plan.runs() if n.group in ("ft", "ft_spurious")]
+    high = plan.runs("ft_high") + plan.runs("ft_high_s")
+    low = [n for n in plan.runs() if n.group in ("ft", "ft_spurious", "ft_low_s")]
     (pt_high,) = plan.runs("pt_high")
     assert resolve_prior(pt_high.side["config"]["task"]["prior"]) == resolve_prior("high")
     assert high and all(n.side["config"]["parent"].endswith(pt_high.run_id) for n in high)

@@ -236,7 +236,8 @@ def _claims(store: Path, out: Path) -> dict:
 def test_claims_are_computed_from_stored_results(store, tmp_path):
     before = _claims(store, tmp_path / "r1")
     assert set(before) == {"wrapper", "prune", "probe", "revival", "spurious", "prior", "tracr-attention",
-                           "randft", "pt-mix", "tracr-maxid", "tracr-revival", "tinystories", "tinystories-probe"}
+                           "randft", "pt-mix", "jailbreak", "tracr-maxid", "tracr-revival", "tinystories",
+                           "tinystories-probe"}
     assert before["tinystories"]["status"] == before["tinystories-probe"]["status"] == NOT_MEASURED
     assert before["wrapper"]["status"] in (REPRODUCED, NOT_REPRODUCED)  # the pretrained model counts: measured
     # edit the stored verdict: the claim's status follows

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from wrapperlab.tasks.families import JAILBREAK_FAMILIES
 from wrapperlab.training import checkpoint as ck
 
 
@@ -140,6 +141,17 @@ def ancestor(run_dir: str | Path, stage: str) -> Path | None:
         if side.get("stage") == stage:
             return path
     return None
+
+
+def protocol(cfg: dict) -> str:
+    """The appendix protocol a run's config follows: "randft" (trained on wrong answers, paper App. E.4), "pt-mix"
+    (pretraining data mixed in, App. E.1), "jailbreak" (pretrained with the jailbreak task tokens, App. E.2), or
+    "" (the main protocol). Each protocol's runs are read by its own claim only."""
+    if cfg.get("train", {}).get("answer_operand"):
+        return "randft"
+    if cfg.get("train", {}).get("pt_mix"):
+        return "pt-mix"
+    return "jailbreak" if any(f in (cfg.get("task", {}).get("families") or {}) for f in JAILBREAK_FAMILIES) else ""
 
 
 def metric_at(metrics: list[dict], family: str, operand: str, c_test: float, step: int | None = None,

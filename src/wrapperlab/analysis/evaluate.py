@@ -11,6 +11,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from wrapperlab.analysis.common import protocol
 from wrapperlab.tasks.priors import prior_name, resolve_prior
 from wrapperlab.training import checkpoint as ck
 from wrapperlab.training.config import RunConfig, validate
@@ -87,7 +88,7 @@ def grid_row(side: dict, run_dir: str | Path, paper: dict | None = None) -> dict
     if side.get("stage") != "finetune" or side.get("status") != "done":
         return None
     cfg = side["config"]
-    if cfg["task"].get("kind", "pcfg") != "pcfg":
+    if cfg["task"].get("kind", "pcfg") != "pcfg" or protocol(cfg):  # the appendix protocols are not table rows
         return None
     paper = paper or paper_tables()
     fam = cfg["train"]["family"]

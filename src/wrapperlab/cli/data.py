@@ -25,7 +25,9 @@ def _task_from(preset: str, overrides: list[str]):
 def data_sample(
     overrides: list[str] | None = typer.Argument(None, help="task overrides, e.g. task.window=64 prior=high"),
     family: str | None = typer.Option(None, help="count | count-composition | index-of-occurrence | "
-                                                    "index-of-composition | token-value (default: the mix)"),
+                                                    "index-of-composition | token-value (default: the mix); "
+                                                    "count-j1 | count-j2 where task.families names them "
+                                                    "(the jailbreak tokens, App. E.2)"),
     operand: str | None = typer.Option(None, help="a | b | c (default: drawn from the prior)"),
     n: int = typer.Option(5, help="number of samples"),
     c_test: float = typer.Option(0.0, "--c-test", help="probability of the spurious edit"),

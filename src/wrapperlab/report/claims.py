@@ -17,6 +17,8 @@ Claims (paper §5 and its appendices; the section and figure are in each row):
 - randft: after fine-tuning on deliberately wrong answers, reFT revives faster than Scr. and Scr.+FT (App. E.4).
 - pt-mix: with pretraining data mixed into fine-tuning, less mixed-in data loses more O_PT accuracy (low prior)
   while the fine-tuning task is learned alike at every mix (App. E.1).
+- jailbreak: after fine-tuning with the ordinary counting token, the task tokens that only ever asked about O_PT
+  still count it (high prior; App. E.2).
 - tracr-attention: the Counter's block-1 head keeps attending to `a` except with the large LR and C_Tr = 0 (Fig. 10).
 - tracr-maxid: only η_VS fine-tunes Max-identifier well while keeping its sorting head (App. G, Table 3).
 - tracr-revival: reFT of the Counter after η_M fine-tuning revives counting `a` faster than Scr.+FT (Table 4).
@@ -30,13 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wrapperlab.analysis.common import Result, metric_at
+from wrapperlab.analysis.common import Result, metric_at, protocol
 from wrapperlab.analysis.evaluate import _lr_name
 from wrapperlab.analysis.verdict import Thresholds, probe_check, prune_check, revival_check
+from wrapperlab.tasks.families import JAILBREAK_FAMILIES
 from wrapperlab.tasks.priors import prior_name, resolve_prior
 from wrapperlab.training import checkpoint as ck
 
-PT_MIX_TOLERANCE = 0.02  # about one binomial standard error of an accuracy near 50 % on 500 samples
+JAILBREAK_TARGET = 0.9  # "counts a perfectly" with T_J1/T_J2 (App. E.2, Fig. 24)
+PT_MIX_TOLERANCE = 0.06  # two standard errors of a difference of two accuracies near 50 % on 500 samples each
 PT_MIX_FT_SPREAD = 0.10  # "similar gains" (App. E.1, Figs. 18, 20): final O_FT of the mixes within 10 points
 STORY_PROBE_TOLERANCE = 0.02  # the paper's Fig. 11a spread between models is a few points of a 0.84–0.95 range
 REPRODUCED, PARTIAL, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partial", "not reproduced", "not measured"
@@ -87,8 +91,11 @@ class RunRecord:
 
     @property
     def protocol(self) -> str:
-        """"randft" (trained on wrong answers, App. E.4), "pt-mix" (pretraining data mixed in, App. E.1) or ""."""
-        return "randft" if self.cfg["train"].get("answer_operand") else "pt-mix" if self.pt_mix else ""
+        return protocol(self.cfg)
+
+    @property
+    def jailbreak_families(self) -> list[str]:
+        return [f for f in JAILBREAK_FAMILIES if f in (self.cfg["task"].get("families") or {})]
 
     def acc(self, operand_key: str, c_test: float, step: int | None = None, key: str = "acc") -> float | None:
         op = self.cfg["task"][operand_key]
@@ -101,7 +108,8 @@ class RunRecord:
             return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
         fam = "" if self.family == "count" else f" {self.family}"  # the counting runs keep their short tags
         mix = f" PT mix {100 * self.pt_mix:g} %" if self.pt_mix else ""
-        return f"{self.prior} prior{fam} η{self.eta} C_Tr={self.c_train:g}{mix}"
+        jail = " with T_J1/T_J2" if self.jailbreak_families else ""
+        return f"{self.prior} prior{fam} η{self.eta} C_Tr={self.c_train:g}{mix}{jail}"
 
 
 @dataclass
@@ -314,7 +322,7 @@ def claim_prior(ev: Evidence) -> dict:
     return _claim("prior", "A higher prior on O_FT in pretraining keeps more of the pretraining capability through "
                   "fine-tuning", "O_PT accuracy plummets with a low prior; a high prior mitigates it (Fig. 6)",
                   "paper §5, Fig. 6", cases, "needs fine-tunes of low- and high-prior models at the same η and C_Tr "
-                  "(`wrapperlab reproduce --preset full`)",
+                  "(`wrapperlab reproduce --prior`, or `--preset full`)",
                   "O_PT after FT is at least as high with the higher prior; a high-prior η_M/η_S/η_VS fine-tune's "
                   "verdict keeps the PT behaviour (amplification, or unchanged when the pretrained model already "
                   "counts O_FT), not a wrapper or deletion", excluded)
@@ -448,6 +456,30 @@ def claim_pt_mix(ev: Evidence) -> dict:
                   f"points")
 
 
+def claim_jailbreak(ev: Evidence) -> dict:
+    cases, context = [], []
+    for r in ev.finetunes(protocol="jailbreak"):
+        op, metrics = r.cfg["task"]["o_pt"], r.side.get("metrics", [])
+        plain = r.acc("o_pt", 0.0)
+        tokens = [a for a in (metric_at(metrics, f, op, 0.0) for f in r.jailbreak_families) if a is not None]
+        if plain is None or not tokens:
+            continue
+        jail = sum(tokens) / len(tokens)
+        text = f"{r.tag()}: count of {op} with T_J1/T_J2 {_pct(jail)}, with T_NJ {_pct(plain)}"
+        if r.prior in ("high", "medium"):
+            cases.append((text, jail >= JAILBREAK_TARGET and jail >= plain, {"T_J": jail, "T_NJ": plain}))
+        else:
+            context.append(f"{text} (the paper expects the jailbreak only with a high enough prior on O_FT)")
+    return _claim("jailbreak", "Fine-tuning hides the capability behind its task token: the tokens that only ever "
+                  "asked about O_PT in pretraining still count it after fine-tuning with the ordinary token",
+                  "with T_NJ the fine-tuned model cannot count a; with T_J1/T_J2 it counts a perfectly if the prior "
+                  "on b was high enough (Figs. 24, 25)", "paper App. E.2", cases,
+                  "no fine-tune of a model pretrained with the jailbreak tokens stored (`task.families` naming "
+                  "count-j1/count-j2; `wrapperlab reproduce --preset full`)",
+                  f"high/medium prior: count of O_PT with T_J1/T_J2 (their mean) ≥ {100 * JAILBREAK_TARGET:g} % and "
+                  f"at least that with T_NJ; low-prior runs are shown, not counted", context)
+
+
 def _story_runs(ev: Evidence) -> dict[str, RunRecord]:
     """TinyStories runs (task kind ``story``) by run id."""
     return {r.side["run_id"]: r for r in ev.runs if r.kind == "story"}
@@ -529,7 +561,7 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
 
 
 CLAIMS = (claim_wrapper, claim_prune, claim_probe, claim_revival, claim_spurious, claim_prior, claim_randft,
-          claim_pt_mix,
+          claim_pt_mix, claim_jailbreak,
           claim_tracr_attention, claim_tracr_maxid, claim_tracr_revival, claim_tinystories, claim_tinystories_probe)
 
 

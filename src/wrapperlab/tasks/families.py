@@ -13,6 +13,10 @@ is the last text token. Definitions (the paper gives them in one line each; our 
   (leftmost) token; overlapping occurrences count; 0 if fewer than O'.
 - token-value (T): the operand is NULL; the answer is the terminal at distance O' from EOT.
 
+Two optional families serve the synthetic jailbreak (paper App. E.2): ``count-j1`` and ``count-j2`` are counting
+under their own task tokens (T_J1, T_J2), asked in pretraining only about O_PT. They join a task (and its
+vocabulary) only when its family mix names them, so every other task keeps its tokens and run ids.
+
 Every function here is also written as a plain loop in the tests and compared on many random strings.
 """
 
@@ -70,24 +74,30 @@ class Family:
     uses_operand: bool
     answer_is_token: bool
     default_o2: int  # paper's O'
+    computes: str | None = None  # the family whose answers it gives (None: its own)
+    o_pt_only: bool = False  # drawn from the prior in pretraining, its operand is always O_PT (App. E.2)
+
+    @property
+    def base(self) -> str:
+        return self.computes or self.name
 
     def answers(self, text: np.ndarray, op: int, o2: int) -> np.ndarray:
         """Raw answers: numbers for counts/indices, terminal index for token-value."""
-        if self.name == "count":
+        if self.base == "count":
             return count(text, op, o2)
-        if self.name == "count-composition":
+        if self.base == "count-composition":
             return count_composition(text, op, o2)
-        if self.name == "index-of-occurrence":
+        if self.base == "index-of-occurrence":
             return index_of_occurrence(text, op, o2)
-        if self.name == "index-of-composition":
+        if self.base == "index-of-composition":
             return index_of_composition(text, op, o2)
         return token_value(text, o2)
 
     def max_answer(self, window: int, o2: int) -> int:
         """Largest numeric answer (sizes the vocabulary)."""
-        if self.name in ("count", "count-composition"):
+        if self.base in ("count", "count-composition"):
             return o2
-        if self.name.startswith("index"):
+        if self.base.startswith("index"):
             return window
         return 0
 
@@ -108,8 +118,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# the synthetic jailbreak's counting tokens T_J1, T_J2 (App. E.2); count itself is T_NJ
+JAILBREAK_FAMILIES: dict[str, Family] = {
+    f.name: f for f in (Family("count-j1", "CJ1", True, False, 40, computes="count", o_pt_only=True),
+                        Family("count-j2", "CJ2", True, False, 40, computes="count", o_pt_only=True))
+}
+
+
 def get_family(name: str) -> Family:
     try:
-        return FAMILIES[name]
+        return FAMILIES.get(name) or JAILBREAK_FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}") from None
+        raise ValueError(f"unknown family {name!r}; choose from "
+                         f"{', '.join([*FAMILIES, *JAILBREAK_FAMILIES])}") from None

@@ -83,6 +83,8 @@ class TaskKind:
     evaluation: str = "accuracy"  # how training evaluates it (training.evaluation's registry)
     wrong_answers: bool = False  # sample() takes answer_operand (randFT, paper App. E.4)
     pt_mix: bool = False  # sample() with no family/operand draws the pretraining distribution (paper App. E.1)
+    check_child: Callable[[BaseModel, BaseModel], None] | None = None  # (parent task, child task): ValueError if
+    # the child changed an inheritable key in a way the parent's weights cannot follow
 
 
 KINDS: Registry[TaskKind] = Registry("task kind", BUILTIN, group="wrapperlab.task_kinds")

@@ -21,12 +21,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wrapperlab.tasks.families import FAMILIES, get_family
+from wrapperlab.tasks.families import FAMILIES, JAILBREAK_FAMILIES, get_family
 from wrapperlab.tasks.pcfg import PAPER_GRAMMAR, PCFGSampler
 from wrapperlab.tasks.priors import resolve_prior
 from wrapperlab.tasks.registry import TaskKind, operand_eval_specs, register
 from wrapperlab.tasks.spurious import SPURIOUS_FAMILIES, edit_count, edit_index
-from wrapperlab.tasks.vocab import ART, EOT, FAMILY_TOKENS, NULL, PAD, SOS, SOT, Vocab
+from wrapperlab.tasks.vocab import ART, EOT, NULL, PAD, SOS, SOT, Vocab
 
 TERMINALS = PAPER_GRAMMAR.terminals  # ("a", "b", "c")
 PREFIX_LEN, SUFFIX_LEN = 5, 4
@@ -98,6 +98,15 @@ class TaskConfig(BaseModel):
     def max_number(self) -> int:
         return max([self.window] + list(self.o2.values()))
 
+    @property
+    def jailbreak_families(self) -> tuple[str, ...]:
+        """The jailbreak task tokens this task's mix names (App. E.2); they are in its vocabulary, at any weight."""
+        return tuple(f for f in JAILBREAK_FAMILIES if f in self.families)
+
+    def o2_of(self, family: str) -> int:
+        """O' of a family; a jailbreak family shares the O' of the family it computes."""
+        return self.o2[family] if family in self.o2 else self.o2[get_family(family).base]
+
 
 @dataclass
 class Batch:
@@ -133,7 +142,7 @@ class PCFGTask:
     def __init__(self, config: TaskConfig | None = None):
         self.config = config or TaskConfig()
         c = self.config
-        self.vocab = Vocab.build(c.max_number, TERMINALS)
+        self.vocab = Vocab.build(c.max_number, TERMINALS, c.jailbreak_families)
         self.sampler = PCFGSampler(PAPER_GRAMMAR, c.max_depth, c.max_length)
         self.prior = np.array(resolve_prior(c.prior))
         names = [n for n, w in c.families.items() if w > 0]
@@ -181,6 +190,9 @@ class PCFGTask:
                 for op in ((cfg.o_pt, cfg.o_ft) if f.uses_operand else (None,)):
                     if (fam, op, 0.0) not in specs:
                         specs.append((fam, op, 0.0))
+            for fam in cfg.jailbreak_families:  # asked only about O_PT in pretraining: that is the test
+                if (fam, cfg.o_pt, 0.0) not in specs:
+                    specs.append((fam, cfg.o_pt, 0.0))
         return specs
 
     def probe_targets(self) -> dict[str, str]:
@@ -255,6 +267,9 @@ class PCFGTask:
             fams = [self.mix_names[i] for i in rng.choice(len(self.mix_names), size=n, p=self.mix_p)]
         else:
             get_family(family)
+            if family in JAILBREAK_FAMILIES and family not in cfg.jailbreak_families:
+                raise ValueError(f"family {family} is a jailbreak token (App. E.2) this task's vocabulary lacks; "
+                                 f"name it in task.families")
             fams = [family] * n
         if c > 0 and any(f not in SPURIOUS_FAMILIES for f in set(fams)):
             raise ValueError(f"a spurious correlation is defined only for {', '.join(SPURIOUS_FAMILIES)}")
@@ -264,8 +279,11 @@ class PCFGTask:
         drawn = rng.choice(len(TERMINALS), size=n, p=self.prior)
         ops = []
         for i, f in enumerate(fams):
-            if not FAMILIES[f].uses_operand:
+            fobj = get_family(f)
+            if not fobj.uses_operand:
                 ops.append(NULL)
+            elif operand is None and fobj.o_pt_only:  # T_J1/T_J2 only ever ask about O_PT (App. E.2)
+                ops.append(cfg.o_pt)
             else:
                 ops.append(operand if operand is not None else TERMINALS[drawn[i]])
 
@@ -302,8 +320,8 @@ class PCFGTask:
         op_arr = np.array(ops)
         op_tok = np.zeros(n, dtype=np.int64)
         for fam in set(fams):
-            fobj = FAMILIES[fam]
-            k = cfg.o2[fam]
+            fobj = get_family(fam)
+            k = cfg.o2_of(fam)
             rows = np.flatnonzero(fam_arr == fam)
             o2[rows] = k
             if fobj.uses_operand:
@@ -319,7 +337,7 @@ class PCFGTask:
                 op_tok[rows] = self._null
                 answer[rows] = np.where(value[rows] >= 0, self._term_ids[np.clip(value[rows], 0, None)], self._null)
 
-        fam_tok = np.array([self.vocab.id(FAMILY_TOKENS[f]) for f in fams], dtype=np.int64)
+        fam_tok = np.array([self.vocab.id(Vocab.family_token(f)) for f in fams], dtype=np.int64)
         tokens = self._assemble(text, fam_tok, op_tok, self.vocab.number_ids(o2), answer)
         return Batch(tokens, answer, value, value_pt, fams, ops, o2, spurious, n_edits,
                      source, text if keep_source else None, rejected)
@@ -373,9 +391,24 @@ def _check_run(stage: str, parent: str | None, train, ev, task: TaskConfig) -> N
     if train.pt_mix and stage != "finetune":
         raise ValueError(f"train.pt_mix: pretraining data are mixed into a finetune stage (paper App. E.1), not a "
                          f"{stage} stage")
+    for name, fam in (("train.family", train.family), ("eval.family", ev.family)):
+        if fam in JAILBREAK_FAMILIES and fam not in task.jailbreak_families:
+            raise ValueError(f"{name}: {fam} is a jailbreak token (App. E.2) this task's vocabulary lacks; name it in "
+                             f"task.families (and pretrain with it)")
+    if train.pt_mix and (train.answer_operand is not None or task.jailbreak_families):
+        raise ValueError("train.pt_mix: one appendix protocol per run (App. E.1 does not combine with randFT or the "
+                         "jailbreak tokens)")
+
+
+def _check_child(parent: TaskConfig, child: TaskConfig) -> None:
+    """The jailbreak tokens size the vocabulary: a stage keeps its parent's (the family weights may change)."""
+    if parent.jailbreak_families != child.jailbreak_families:
+        raise ValueError(f"task.families: the jailbreak families size the vocabulary, so a stage keeps its "
+                         f"parent's ({', '.join(parent.jailbreak_families) or 'none'}; got "
+                         f"{', '.join(child.jailbreak_families) or 'none'})")
 
 
 KIND = register(TaskKind("pcfg", TaskConfig, PCFGTask, _check_run, lambda cfg: "count",
                          ("q", "o_pt", "o_ft", "prior", "families"),
                          "the paper's PCFG: five counting/indexing families over a probabilistic grammar",
-                         wrong_answers=True, pt_mix=True))
+                         wrong_answers=True, pt_mix=True, check_child=_check_child))

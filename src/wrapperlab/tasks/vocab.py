@@ -21,6 +21,7 @@ FAMILY_TOKENS = {
     "index-of-composition": "]",
     "token-value": "{",
 }
+JAILBREAK_TOKENS = {"count-j1": "%", "count-j2": "&"}  # T_J1, T_J2 (App. E.2): in a vocabulary only when used
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,18 @@ class Vocab:
     tokens: tuple[str, ...]
 
     @classmethod
-    def build(cls, max_number: int, terminals: tuple[str, ...] = ("a", "b", "c")) -> Vocab:
+    def build(cls, max_number: int, terminals: tuple[str, ...] = ("a", "b", "c"),
+              extra_families: tuple[str, ...] = ()) -> Vocab:
         numbers = tuple(str(i) for i in range(max_number + 1))
-        toks = SPECIALS + tuple(FAMILY_TOKENS.values()) + tuple(terminals) + numbers
+        extra = tuple(JAILBREAK_TOKENS[f] for f in extra_families)
+        toks = SPECIALS + tuple(FAMILY_TOKENS.values()) + extra + tuple(terminals) + numbers
         if len(set(toks)) != len(toks):
             raise ValueError("terminal symbols collide with special, family or number tokens")
         return cls(toks)
+
+    @staticmethod
+    def family_token(family: str) -> str:
+        return FAMILY_TOKENS.get(family) or JAILBREAK_TOKENS[family]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_stoi", {t: i for i, t in enumerate(self.tokens)})

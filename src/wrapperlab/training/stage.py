@@ -71,13 +71,20 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             if section == "model" or (section == "task" and head not in inherited):
                 raise ConfigError(f"{key}: cannot change on a stage that starts from a trained model "
                                   f"(it inherits {section} settings from {raw['parent']})")
-        raw["task"] = {**pcfg["task"], **{k: v for k, v in raw.get("task", {}).items()
-                                          if k in inherited and f"task.{k}" in explicit}}
+        given = {key.split(".")[1] for key in explicit if key.startswith("task.")}  # task.families.count: families
+        raw["task"] = {**pcfg["task"], **{k: {**pcfg["task"][k], **v} if isinstance(v, dict)
+                                          and isinstance(pcfg["task"].get(k), dict) else v  # a weight of a mix
+                                          for k, v in raw.get("task", {}).items() if k in inherited and k in given}}
         raw["model"] = pcfg["model"]
         if "train.seed" not in explicit:  # a run derived from a seeded run is a replicate of that seed
             raw["train"] = {**raw.get("train", {}), "seed": pcfg["train"]["seed"]}
         cfg = validate(raw)
         kind = get_task_kind(cfg.task.kind)
+        if kind.check_child is not None:  # what a child may not change although its key is inheritable
+            try:
+                kind.check_child(type(cfg.task).model_validate(pcfg["task"]), cfg.task)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         allowed = kind.parent_stages.get(cfg.stage, ())
         if pcfg["stage"] not in allowed:
             raise ConfigError(f"parent: a {cfg.stage} run starts from a {' or '.join(allowed)} run, "
@@ -269,10 +276,15 @@ class Stage:
         wrong = {"answer_operand": t.answer_operand} if t.answer_operand else {}  # randFT (App. E.4)
         rng = np.random.default_rng([t.seed, step])
         n_pt = int(rng.binomial(t.batch_size, t.pt_mix)) if t.pt_mix else 0  # PT data mixed in (App. E.1)
+        if not n_pt:
+            return self.task.sample(t.batch_size, rng, family=t.family, operand=t.operand, c=t.c_train, **wrong)
+        # the parent's own pretraining data: its family mix (or the one family it trained on) and operand prior
+        pt = (self.parent or {}).get("config", {}).get("train", {})
+        mixed = self.task.sample(n_pt, rng, family=pt.get("family"), operand=pt.get("operand"))
         if n_pt == t.batch_size:
-            return self.task.sample(n_pt, rng)
-        batch = self.task.sample(t.batch_size - n_pt, rng, family=t.family, operand=t.operand, c=t.c_train, **wrong)
-        return batch.concat(self.task.sample(n_pt, rng)) if n_pt else batch
+            return mixed
+        return self.task.sample(t.batch_size - n_pt, rng, family=t.family, operand=t.operand, c=t.c_train,
+                                **wrong).concat(mixed)
 
     def train_step(self, model: Transformer, opt: torch.optim.Optimizer, step: int, batch=None) -> float:
         """One optimisation step at ``step`` (LR from the schedule, the batch of ``(seed, step)`` unless given,
