@@ -99,6 +99,8 @@ def test_wrapper_revival_and_spurious_claims_follow_their_rules():
     assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("L", 0.0, post_b0=0.97)]))["status"] == REPRODUCED
     assert claim_spurious(Evidence([pcfg_run("M", 1.0, fs0=0.5)]))["status"] == NOT_REPRODUCED
     assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("M", 0.0, post_b0=0.5)]))["status"] == PARTIAL
+    # Table 5 is the low prior: a high-prior model that counts b need not follow the spurious rule at C_Tr=1
+    assert claim_spurious(Evidence([pcfg_run("M", 1.0, fs0=0.3, prior="high")]))["status"] == NOT_MEASURED
 
 
 def test_tracr_attention_claim():

@@ -236,8 +236,8 @@ def reproduce_cmd(
                                                           "claims join the report"),
     prior: bool = typer.Option(False, "--prior", help="quick only: also pretrain under the high prior and "
                                                        "fine-tune it beside the low-prior model, so the `prior` "
-                                                       "claim is measured (about 1.5x the quick wall time; full "
-                                                       "and paper always include it)"),
+                                                       "claim is measured (~1.5x quick's wall time, "
+                                                       "docs/experiments.md; full and paper include it)"),
     seeds: int | None = SEEDS_OPT,
 ) -> None:
     """Reproduce the paper: run the preset's experiment spec (runs, analyses), then write the HTML report and

@@ -282,7 +282,7 @@ def claim_spurious(ev: Evidence) -> dict:
     cases = []
     for r in ev.finetunes():
         ft1, ft0 = r.acc("o_ft", 1.0), r.acc("o_ft", 0.0)
-        if r.c_train == 1.0:
+        if r.c_train == 1.0 and r.prior == "low":  # the wrapper signature of a weakly relevant capability
             fs = r.acc("o_ft", 0.0, key="follows_spurious")
             if ft1 is None or fs is None:
                 continue
@@ -296,7 +296,7 @@ def claim_spurious(ev: Evidence) -> dict:
                   "count(a) + 1 instead of the task; without correlation (η_L/η_M) it learns the task",
                   "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "paper Table 5",
                   cases, "no PCFG fine-tune with C_Tr ∈ {0, 1} stored",
-                  "C_Tr=1: O_FT ≥ 90 % at C_Te=1 and ≥ 80 % of C_Te=0 answers follow count(a)+1; "
+                  "C_Tr=1, low prior: O_FT ≥ 90 % at C_Te=1 and ≥ 80 % of C_Te=0 answers follow count(a)+1; "
                   "C_Tr=0 at η_L/η_M: O_FT ≥ 90 % at C_Te=0")
 
 
