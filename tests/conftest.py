@@ -1,9 +1,11 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Ray 2.60 writes ~/.ray/auth_token at a local ray.init and then demands it from clusters started without one, so a
 # test that starts a local instance would break a later test that starts a cluster: the tests run Ray without tokens
@@ -21,6 +23,22 @@ def wl(*args: str, cwd: Path | None = None, timeout: float = 300,
     env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200", **(env or {}))
     return subprocess.run([sys.executable, "-m", "wrapperlab.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def run_spec(spec: dict, tmp_path: Path, workers: int = 1) -> Path:
+    """Run an experiment spec (a dict) with `wrapperlab run` into tmp_path/store; returns the store."""
+    path, store = tmp_path / "spec.yaml", tmp_path / "store"
+    path.write_text(yaml.safe_dump(spec))
+    r = wl("run", str(path), "--out", str(store), "--no-progress", "--workers", str(workers))
+    assert r.returncode == 0, r.stderr
+    return store
+
+
+def stored_claim(store: Path, out: Path, claim: str) -> dict:
+    """One row of the claims table `wrapperlab report STORE --json` computes from what the store holds."""
+    r = wl("report", str(store), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return {c["id"]: c for c in json.loads(r.stdout)["claims"]}[claim]
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:

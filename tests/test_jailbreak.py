@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from conftest import wl
+from conftest import run_spec, stored_claim, wl
 
 from wrapperlab.tasks.families import count
 from wrapperlab.tasks.task import PCFGTask, TaskConfig
@@ -115,19 +114,13 @@ def test_the_jailbreak_claim_is_computed_from_stored_runs(tmp_path):
         "ft": {"stage": "finetune", "parent": "pt", "set": {"lr": "M", "steps": 4, "eval.every": 4, "eval.n": 100,
                                                            "batch_size": 16, "threads": 1,
                                                            "eval.all_families": True}}}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    store = tmp_path / "store"
-    r = wl("run", str(path), "--out", str(store), "--no-progress", "--workers", "1")
-    assert r.returncode == 0, r.stderr
+    store = run_spec(spec, tmp_path, workers=1)
     (ft,) = store.glob("runs/finetune-*")
     side = ck.read_sidecar(ft)
     assert {(m["family"], m["operand"]) for m in side["metrics"]} >= {("count-j1", "a"), ("count-j2", "a")}
 
     def claim(name):
-        r = wl("report", str(store), "--out", str(tmp_path / name), "--json")
-        assert r.returncode == 0, r.stderr
-        return {c["id"]: c for c in json.loads(r.stdout)["claims"]}["jailbreak"]
+        return stored_claim(store, tmp_path / name, "jailbreak")
 
     assert claim("r0")["status"] != "not measured"
     for jail_acc, expected in ((1.0, "reproduced"), (0.2, "not reproduced")):

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from conftest import TINY, one_line_error, wl
+from conftest import TINY, one_line_error, run_spec, stored_claim, wl
 
 from wrapperlab.training import ConfigError, build_config, resolve
 from wrapperlab.training import checkpoint as ck
@@ -135,16 +134,10 @@ def test_the_pt_mix_claim_is_computed_from_stored_runs(tmp_path):
         "mix": {"stage": "finetune", "parent": "pt", "grid": {"train.pt_mix": [0.5, 0.001]},
                 "set": {"lr": "M", "c_train": 1, "steps": 4, "eval.every": 4, "eval.n": 100, "batch_size": 16,
                         "threads": 1}}}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    store = tmp_path / "store"
-    r = wl("run", str(path), "--out", str(store), "--no-progress", "--workers", "1")
-    assert r.returncode == 0, r.stderr
+    store = run_spec(spec, tmp_path, workers=1)
 
     def claim(name):
-        r = wl("report", str(store), "--out", str(tmp_path / name), "--json")
-        assert r.returncode == 0, r.stderr
-        return {c["id"]: c for c in json.loads(r.stdout)["claims"]}["pt-mix"]
+        return stored_claim(store, tmp_path / name, "pt-mix")
 
     assert claim("r0")["status"] != "not measured"
     sides = {ck.read_sidecar(d)["config"]["train"]["pt_mix"]: d for d in store.glob("runs/finetune-*")}

@@ -3,7 +3,7 @@ target is the count of b — then reFT back, against Scr., Scr.+FT and ordinary 
 
 import numpy as np
 import pytest
-from conftest import TINY, wl
+from conftest import TINY, run_spec, stored_claim, wl
 
 from wrapperlab.tasks.task import PCFGTask, TaskConfig
 from wrapperlab.training import ConfigError, build_config, resolve
@@ -56,8 +56,6 @@ def test_the_randft_claim_is_computed_from_a_stored_randft_revival(tmp_path):
     moves the claim."""
     import json
 
-    import yaml
-
     spec = {"name": "randft", "runs": {
         "pt": {"stage": "pretrain", "set": {"task.window": 32, "model.d_model": 32, "model.n_layer": 1,
                                             "model.n_head": 2, "family": "count", "lr": 0.003, "steps": 400,
@@ -66,16 +64,10 @@ def test_the_randft_claim_is_computed_from_a_stored_randft_revival(tmp_path):
                    "set": {"operand": "a", "train.answer_operand": "b", "steps": 20, "eval.every": 20,
                            "eval.n": 200, "batch_size": 32, "threads": 1}}},
         "analyses": [{"tool": "revival", "on": "randft", "settings": {"steps": 10, "scratch_steps": 10}}]}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    store = tmp_path / "store"
-    r = wl("run", str(path), "--out", str(store), "--no-progress", "--workers", "2")
-    assert r.returncode == 0, r.stderr
+    store = run_spec(spec, tmp_path, workers=2)
 
     def claim(name):
-        r = wl("report", str(store), "--out", str(tmp_path / name), "--json")
-        assert r.returncode == 0, r.stderr
-        return {c["id"]: c for c in json.loads(r.stdout)["claims"]}["randft"]
+        return stored_claim(store, tmp_path / name, "randft")
 
     assert claim("r0")["status"] != "not measured"
     (rfile,) = list(store.glob("runs/finetune-*/analysis/revival-*.json"))
