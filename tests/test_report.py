@@ -99,6 +99,13 @@ def test_wrapper_revival_and_spurious_claims_follow_their_rules():
     assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("L", 0.0, post_b0=0.97)]))["status"] == REPRODUCED
     assert claim_spurious(Evidence([pcfg_run("M", 1.0, fs0=0.5)]))["status"] == NOT_REPRODUCED
     assert claim_spurious(Evidence([pcfg_run("M", 1.0), pcfg_run("M", 0.0, post_b0=0.5)]))["status"] == PARTIAL
+    # a failing case names its parent's single-family pretraining (quick's shortcut), where the store holds it
+    child = pcfg_run("M", 0.0, post_b0=0.5)
+    child.side["parent_id"] = "pt1"
+    parent = RunRecord(Path("/x/pt1"), {"stage": "pretrain", "status": "done", "run_id": "pt1",
+                                         "config": {"train": {"family": "count"}, "task": {}}})
+    assert "pretrained on count alone" in claim_spurious(Evidence([child, parent]))["evidence"]
+    assert "alone" not in claim_spurious(Evidence([child]))["evidence"]
     # Table 5 is the low prior: a high-prior model that counts b need not follow the spurious rule at C_Tr=1
     assert claim_spurious(Evidence([pcfg_run("M", 1.0, fs0=0.3, prior="high")]))["status"] == NOT_MEASURED
 

@@ -278,6 +278,12 @@ def claim_revival(ev: Evidence) -> dict:
                   f"reFT reaches the target in ≤ {TH.revival_ratio:g} × Scr.+FT's steps", excluded)
 
 
+def _single_family_parent(ev: Evidence, r: RunRecord) -> str | None:
+    """The one family r's pretrained parent trained on (quick's shortcut), if the store holds that parent."""
+    par = next((p for p in ev.runs if p.side.get("run_id") == r.side.get("parent_id")), None)
+    return par.cfg["train"].get("family") if par is not None else None
+
+
 def claim_spurious(ev: Evidence) -> dict:
     cases = []
     for r in ev.finetunes():
@@ -291,7 +297,10 @@ def claim_spurious(ev: Evidence) -> dict:
         elif r.c_train == 0.0 and r.eta in ("L", "M") and r.prior in ("low", "medium", "high"):
             if ft0 is None:
                 continue
-            cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0", ft0 >= 0.9, {"O_FT": ft0}))
+            only = _single_family_parent(ev, r)
+            why = (f" (its parent pretrained on {only} alone, a shortcut that changes this case: docs/experiments.md)"
+                   if only and ft0 < 0.9 else "")
+            cases.append((f"{r.tag()}: O_FT {_pct(ft0)} at C_Te=0{why}", ft0 >= 0.9, {"O_FT": ft0}))
     return _claim("spurious", "With fully correlated data (C_Tr = 1) fine-tuning learns the spurious rule "
                   "count(a) + 1 instead of the task; without correlation (η_L/η_M) it learns the task",
                   "C_Tr=1: O_FT ~100 % at C_Te=1, ~0 % at C_Te=0; C_Tr=0: ~100 % (Table 5)", "paper Table 5",
