@@ -60,9 +60,9 @@ class TrainConfig(BaseModel):
                                                          "operand, not for the operand the input asks about (a "
                                                          "deliberately wrong answer)")
     pt_mix: float = Field(0.0, ge=0, le=1, description="fine-tuning with pretraining data mixed in (paper App. E.1): "
-                                                       "each sample of a batch is drawn from the pretraining "
-                                                       "distribution (family mix, operand prior, no spurious edit) "
-                                                       "with this probability")
+                                                       "each sample of a batch is drawn with this probability from "
+                                                       "the parent's own pretraining data (its family or family "
+                                                       "mix, the operand prior, no spurious edit)")
     seed: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 = bf16 autocast for the training step's forward and backward (weights, "

@@ -71,10 +71,7 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
             if section == "model" or (section == "task" and head not in inherited):
                 raise ConfigError(f"{key}: cannot change on a stage that starts from a trained model "
                                   f"(it inherits {section} settings from {raw['parent']})")
-        given = {key.split(".")[1] for key in explicit if key.startswith("task.")}  # task.families.count: families
-        raw["task"] = {**pcfg["task"], **{k: {**pcfg["task"][k], **v} if isinstance(v, dict)
-                                          and isinstance(pcfg["task"].get(k), dict) else v  # a weight of a mix
-                                          for k, v in raw.get("task", {}).items() if k in inherited and k in given}}
+        raw["task"] = _child_task(pcfg["task"], raw.get("task", {}), inherited, explicit)
         raw["model"] = pcfg["model"]
         if "train.seed" not in explicit:  # a run derived from a seeded run is a replicate of that seed
             raw["train"] = {**raw.get("train", {}), "seed": pcfg["train"]["seed"]}
@@ -127,6 +124,17 @@ def resolve(raw: dict, parent_side: dict | None = None) -> tuple[RunConfig, dict
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg, parent
+
+
+def _child_task(parent: dict, given: dict, inherited: tuple[str, ...], explicit: set[str]) -> dict:
+    """The parent's task with the inheritable keys the user set (``task.families.count=2`` sets a key of
+    ``families``: a dict-valued key is merged into the parent's, so one weight of a mix can change)."""
+    named = {key.split(".")[1] for key in explicit if key.startswith("task.")}
+    out = dict(parent)
+    for k, v in given.items():
+        if k in inherited and k in named:
+            out[k] = {**parent[k], **v} if isinstance(v, dict) and isinstance(parent.get(k), dict) else v
+    return out
 
 
 def _same_model(stored: dict, model) -> bool:
