@@ -62,3 +62,33 @@ def test_bad_inputs_are_one_line_errors(model):
         feature_probes(model, xtr[:, :5], ytr, xtr[:, :5], ytr, FEATURES)
     with pytest.raises(AnalysisError, match="iters"):
         feature_probes(model, xtr, ytr, xtr, ytr, FEATURES, settings=FeatureProbeSettings(iters=0))
+
+
+def test_story_pooling_averages_each_rows_own_tail_and_reads_what_precedes_the_last_ten(model):
+    from wrapperlab.analysis.feature_probes import pooled_residuals
+
+    torch.set_num_threads(1)
+    x, _ = planted(6, 4)
+    lengths = torch.tensor([1, 5, 10, 17, 24, 40])  # 40 is longer than the row: the whole row
+    got = pooled_residuals(model, x, lengths=lengths)
+    _, cache = model.run_with_cache(x, names_filter=[h for _, h in probe_layers(3)])
+    for li, (_, h) in enumerate(probe_layers(3)):
+        for i, n in enumerate([1, 5, 10, 17, 24, 24]):
+            assert torch.allclose(got[li, i], cache[h][i, -n:].mean(0), atol=1e-5)
+    assert torch.allclose(pooled_residuals(model, x, last=10), pooled_residuals(model, x, lengths=torch.full((6,), 10)))
+
+    def early(n, seed):  # the feature token sits 11..20 positions from the end: inside a 20-token story only
+        tok, y = planted(n, seed)
+        return torch.roll(tok, -10, dims=1), y
+    xtr, ytr = early(1200, 1)
+    xte, yte = early(400, 2)
+    s = FeatureProbeSettings(iters=1000, batch_size=128, pool="story")
+    lengths = {"lengths_train": torch.full((1200,), 20), "lengths_test": torch.full((400,), 20)}
+    res = feature_probes(model, xtr, ytr, xte, yte, FEATURES, settings=s, **lengths)
+    assert res.meta["pooling"] == "mean over the story's positions"
+    story = [r["acc"] for r in res.rows if r["layer"] == "B0"]
+    last = [r["acc"] for r in feature_probes(model, xtr, ytr, xte, yte, FEATURES, **lengths,
+                                             settings=s.model_copy(update={"pool": "last"})).rows if r["layer"] == "B0"]
+    assert min(story) >= 0.85 and np.mean(story) >= np.mean(last) + 0.2, (story, last)
+    with pytest.raises(AnalysisError, match="pool"):
+        feature_probes(model, xtr, ytr, xte, yte, FEATURES, settings=s)

@@ -128,6 +128,23 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
     assert [x["layer"] for x in twist] == ["B0", "B1"]  # after every block but the last
     assert probes["delete-F-M"]["B1"] == twist[1]["acc"]
     assert json.loads((out / "stories_table.json").read_text())["table1"] == res["table1"]
+    # the same probes pooled over the whole story, stored beside the paper's
+    by_pool = {json.loads(f.read_text())["meta"]["settings"]["pool"]: json.loads(f.read_text())
+               for f in (_dir(out, "delete-F-M") / "analysis").glob("feature_probe-*.json")}
+    assert set(by_pool) == {"last", "story"}
+    story_twist = [x["acc"] for x in by_pool["story"]["rows"] if x["feature"] == "Twist"]
+    assert {r["model"]: r for r in res["probes_story"]}["delete-F-M"]["B1"] == story_twist[1]
+    # the final loss split by part, for pretrain and every reFT run, equals the stored analysis
+    losses = {r["model"]: r for r in res["losses"]}
+    assert set(losses) == {"pretrain"} | {n for n in RUNS if n.startswith("recover")}
+    (loss_path,) = (_dir(out, "recover-control") / "analysis").glob("story_loss-*.json")
+    stored = {(x["stories"], x["part"]): x for x in json.loads(loss_path.read_text())["rows"]}
+    row = losses["recover-control"]
+    assert row["feature sentence"] == stored[("with Twist", "feature sentence")]["loss"]
+    assert row["without Twist"] == stored[("without Twist", "all")]["loss"]
+    parts = [stored[("with Twist", k)] for k in ("instruction", "feature sentence", "rest of story")]
+    assert sum(x["tokens"] for x in parts) == stored[("with Twist", "all")]["tokens"]
+    assert row["all"] == pytest.approx(sum(x["loss"] * x["tokens"] for x in parts) / sum(x["tokens"] for x in parts))
 
 
 def test_table_rerun_reuses_every_run_and_prints_the_tables(protocol):
@@ -152,6 +169,9 @@ def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tm
     c = claims()
     assert c["tinystories"]["cases"] == 6 and c["tinystories-probe"]["cases"] == 6
     assert c["tinystories"]["status"] != "not measured" and c["tinystories-probe"]["status"] != "not measured"
+    # the controls beside each case: the probe pooled over the whole story, the final loss split by part
+    assert all("pooled over the whole story" in d["text"] for d in c["tinystories-probe"]["details"])
+    assert all("by part: Twist sentence" in d["text"] for d in c["tinystories"]["details"])
     side_path = _dir(out, "recover-control") / "checkpoint.json"
     original = side_path.read_text()
     try:
@@ -181,6 +201,12 @@ def test_probe_command_writes_results_for_any_story_run(protocol):
     (res,) = json.loads(r.stdout)["results"]
     assert {x["feature"] for x in res["rows"]} == set(STORY_FEATURES) and res["meta"]["n_test"] == 10
     assert (_dir(out, "recover-F-M") / "analysis" / "feature_probe.json").is_file()
+    r = wl("stories", "probe", str(_dir(out, "recover-F-M")), "--n-train", "30", "--n-test", "10", "--iters", "10",
+           "--pool", "story")
+    assert r.returncode == 0 and "mean over the story's positions" in r.stdout, r.stderr
+    assert (_dir(out, "recover-F-M") / "analysis" / "feature_probe-story.json").is_file()
+    r = wl("stories", "probe", str(_dir(out, "recover-F-M")), "--pool", "middle")
+    assert r.returncode == 2 and "--pool" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_table_bad_input_is_one_line_and_writes_nothing(tmp_path):

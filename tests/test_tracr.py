@@ -178,3 +178,22 @@ def test_cli_finetune_and_table_reuse(tmp_path):
     r2 = wl(*args)
     assert "0 to execute" in r2.stderr and json.loads(r2.stdout)["rows"] == rows
     assert Path(rows[0]["run_dir"]).is_dir()
+
+
+def test_attention_signature_of_a_barely_trained_counter_is_the_compiled_heads(tmp_path):
+    """Two steps at η_VS leave the compiled head: the signature's masses are SelectorWidth's k/(k+1) on the a's,
+    1/(k+1) on BOS and none on b, on the signature's own inputs."""
+    from wrapperlab.analysis.attention import attention_signature
+
+    out = tmp_path / "c"
+    r = wl("tracr", "finetune", "lr=VS", "steps=2", "train.warmup_steps=1", "eval.every=2", "eval.n=50",
+           "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    sig = attention_signature(out, n=100, seed=3)
+    task = TracrTask(TracrTaskConfig(program="counter"))
+    b = task.sample(100, np.random.default_rng(3), operand="a")
+    k = np.array([Counter(x)["a"] for x in _letters(task, b.tokens)])
+    (row,) = sig.rows
+    assert row["attn_a"] == pytest.approx(np.mean(k / (k + 1)), abs=0.01)
+    assert row["attn_bos"] == pytest.approx(np.mean(1 / (k + 1)), abs=0.01)
+    assert row["attn_b"] < 0.01

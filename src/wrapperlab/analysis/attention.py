@@ -79,9 +79,10 @@ def mass_on(result: Result, layer: int, head: int, token: str) -> float:
 def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
     """The attention facts of the paper's §5 (Fig. 10) and App. G for one fine-tuned run, on n natural O_PT inputs.
 
-    Counter: the attention mass the block-1 head puts, from the readout query, on tokens `a` and `b`
-    (compiled: all of it on `a`). Max-identifier: how intact the block-0 sorting head is — 1 minus the mean
-    total-variation distance between its attention rows and the compiled model's on the same inputs (1 = same).
+    Counter: the attention mass the block-1 head puts, from the readout query, on tokens `a`, `b` and BOS
+    (compiled: all of it on the a's and BOS, which SelectorWidth attends to equally). Max-identifier: how intact
+    the block-0 sorting head is — 1 minus the mean total-variation distance between its attention rows and the
+    compiled model's on the same inputs (1 = same).
     One row; ``meta`` holds the program, LR and c_train of the run."""
     from wrapperlab.analysis.evaluate import load_run
     from wrapperlab.models.tracr import load as load_compiled
@@ -94,7 +95,10 @@ def attention_signature(run_dir, n: int = 200, seed: int = 5) -> Result:
             "n": n, "seed": seed}
     if cfg.task.program == "counter":
         res = attention(model, b.tokens, vocab=task.vocab, query=task.readout, layers=[1])
-        row = {"attn_a": mass_on(res, 1, 0, cfg.task.o_pt), "attn_b": mass_on(res, 1, 0, cfg.task.o_ft)}
+        from wrapperlab.tasks.tracr_programs import BOS
+
+        row = {"attn_a": mass_on(res, 1, 0, cfg.task.o_pt), "attn_b": mass_on(res, 1, 0, cfg.task.o_ft),
+               "attn_bos": mass_on(res, 1, 0, BOS)}
         return Result("attention_signature", [row], meta)
     ft = attention_patterns(model, b.tokens, layers=[0])[:, 0, 0]
     pt = attention_patterns(load_compiled(cfg.task.program).build(), b.tokens, layers=[0])[:, 0, 0]

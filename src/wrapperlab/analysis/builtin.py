@@ -1,5 +1,5 @@
 """The analyses that ship with wrapperlab, registered under the names the CLI, the experiment specs and the report
-use: probe, prune, attention, attention_signature, revival, verdict, feature_probe."""
+use: probe, prune, attention, attention_signature, revival, verdict, feature_probe, story_loss."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from wrapperlab.analysis.probing import ProbeSettings, probe, probe_run
 from wrapperlab.analysis.pruning import PruneSettings, prune
 from wrapperlab.analysis.registry import Analysis, Context, register
 from wrapperlab.analysis.revival import RevivalSettings, revival, revival_runs
+from wrapperlab.analysis.story_loss import StoryLossSettings, story_loss_run
 from wrapperlab.analysis.verdict import Thresholds, verdict
 
 
@@ -144,3 +145,9 @@ register(Analysis(
     "feature_probe", FeatureProbeRunSettings,
     on_run=lambda run, s, ctx: feature_probe_run(run, settings=s, device=ctx.device), needs=("residual",),
     cost=0.3, description="per-block multi-label probes of story features (paper Fig. 11a)"))
+
+register(Analysis(
+    "story_loss", StoryLossSettings,
+    on_run=lambda run, s, ctx: story_loss_run(run, settings=s, device=ctx.device),
+    cost=0.05, description="held-out LM loss of a story model split into instruction, the feature's sentence and "
+                           "the rest of the story, on texts with and without the feature (paper Figs. 11b/33)"))

@@ -10,12 +10,14 @@ blocks" of the 12-block model; the paper has no probe after the last block). Wor
 ``blocks.{l}.hook_resid_post`` (``Transformer``, ``LlamaTransformer``). Choices the paper leaves open: the features
 are standardised per layer on the training set (as ``probing.py`` does for the PCFG probes; ``standardize=False``
 turns it off), and every row reports the feature's base rate (the accuracy of always answering the majority
-label) beside the probe's accuracy, which is the number a probe claim has to beat.
+label) beside the probe's accuracy, which is the number a probe claim has to beat. ``pool="story"`` averages over
+every position of the story instead of the last 10 (a control for what the paper's pooling can see).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from wrapperlab.analysis.probing import fit_linear_probes
 
 class FeatureProbeSettings(Settings):
     last: int = Field(10, ge=1, description="positions averaged at the end of each sequence")
+    pool: Literal["last", "story"] = Field("last", description="average the last `last` positions (the paper) or "
+                                           "every position of the sequence's own text (needs its length)")
     iters: int = Field(2000, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(128, ge=1)
@@ -41,16 +45,24 @@ def probe_layers(n_layer: int) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def pooled_residuals(model, tokens: torch.Tensor, last: int = 10, batch: int = 64) -> torch.Tensor:
-    """Mean residual over the last ``last`` positions at every probed layer: (n_layers, n, d_model), fp32."""
+def pooled_residuals(model, tokens: torch.Tensor, last: int = 10, batch: int = 64,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean residual at every probed layer over the last ``last`` positions, or, given ``lengths`` (n,), over the
+    last ``lengths[i]`` positions of row i: (n_layers, n, d_model), fp32."""
     names = [h for _, h in probe_layers(need(model, "residual").n_layer)]
     was = model.training
     model.eval()
     device = next(model.parameters()).device
+    t = tokens.shape[1]
+    if lengths is None:
+        lengths = torch.full((tokens.shape[0],), last)
+    lengths = lengths.clamp(1, t)
     parts = []
     for i in range(0, tokens.shape[0], batch):
         _, cache = model.run_with_cache(tokens[i:i + batch].to(device), names_filter=names)
-        parts.append(torch.stack([cache[n][:, -last:].float().mean(1) for n in names]).cpu())
+        n = lengths[i:i + batch]
+        w = (torch.arange(t)[None] >= (t - n)[:, None]).float() / n[:, None]  # (b, t): 1/len on the pooled tail
+        parts.append(torch.stack([torch.einsum("bt,btd->bd", w, cache[h].float().cpu()) for h in names]))
     model.train(was)
     return torch.cat(parts, dim=1)
 
@@ -67,9 +79,15 @@ def train_feature_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: t
 
 def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, tokens_test: torch.Tensor,
                    y_test: np.ndarray, features: list[str], *, settings: FeatureProbeSettings | None = None,
-                   label: str = "model") -> Result:
-    """Probe accuracy per (layer, feature). Rows: model, layer, layer_index, feature, acc, base_rate, n_test."""
+                   label: str = "model", lengths_train: torch.Tensor | None = None,
+                   lengths_test: torch.Tensor | None = None) -> Result:
+    """Probe accuracy per (layer, feature). Rows: model, layer, layer_index, feature, acc, base_rate, n_test.
+    ``pool="story"`` needs ``lengths_train``/``lengths_test``: the length of each row's own text (its tail)."""
     s = settings or FeatureProbeSettings()
+    if s.pool == "story" and (lengths_train is None or lengths_test is None):
+        raise AnalysisError("pool: 'story' needs the length of each sequence's text (lengths_train, lengths_test)")
+    if s.pool == "last":
+        lengths_train = lengths_test = None
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     if y_train.ndim != 2 or y_train.shape[1] != len(features) or y_test.shape[1:] != y_train.shape[1:]:
         raise AnalysisError(f"labels: need (n, {len(features)}) 0/1 arrays for features {features}")
@@ -77,8 +95,9 @@ def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, token
         raise AnalysisError("labels: one row of labels per sequence")
     if tokens_train.shape[1] < s.last:
         raise AnalysisError(f"last: sequences of {tokens_train.shape[1]} tokens are shorter than last={s.last}")
-    acc = train_feature_probes(pooled_residuals(model, tokens_train, s.last, s.forward_batch),
-                               torch.from_numpy(y_train), pooled_residuals(model, tokens_test, s.last, s.forward_batch),
+    acc = train_feature_probes(pooled_residuals(model, tokens_train, s.last, s.forward_batch, lengths_train),
+                               torch.from_numpy(y_train),
+                               pooled_residuals(model, tokens_test, s.last, s.forward_batch, lengths_test),
                                torch.from_numpy(y_test), s)
     rate = y_test.mean(0)
     rows = []
@@ -87,7 +106,8 @@ def feature_probes(model, tokens_train: torch.Tensor, y_train: np.ndarray, token
         for j, feat in enumerate(features):
             rows.append({"model": label, "layer": name, "layer_index": i, "feature": feat, "acc": float(acc[i, j]),
                          "base_rate": float(max(rate[j], 1 - rate[j])), "n_test": int(y_test.shape[0])})
-    return Result("feature_probe", rows, {"settings": s.to_dict(), "pooling": f"mean of the last {s.last} positions",
+    pooling = f"mean of the last {s.last} positions" if s.pool == "last" else "mean over the story's positions"
+    return Result("feature_probe", rows, {"settings": s.to_dict(), "pooling": pooling,
                                           "layers": [n for n, _ in probe_layers(n_layer)]})
 
 
@@ -99,6 +119,7 @@ class FeatureProbeRunSettings(Settings):
     n_test: int = Field(500, ge=1)
     iters: int = Field(2000, ge=1)
     seed: int = Field(0, ge=0)
+    pool: Literal["last", "story"] = "last"
 
 
 def feature_probe_run(run_dir: str | Path, *, settings: FeatureProbeRunSettings | None = None,
@@ -126,12 +147,13 @@ def feature_probe_run(run_dir: str | Path, *, settings: FeatureProbeRunSettings 
         ends = [tok.encode(r.story) for r in pick]
         fillers = [tok.encode(r.story) for r in records[:512]]
         y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
-        return left_padded(ends, fillers, seq, rng), y
+        return left_padded(ends, fillers, seq, rng), y, torch.tensor([len(e) for e in ends])
 
-    xtr, ytr = tokens(split["pretrain"], s.n_train)
-    xte, yte = tokens(split["test"], s.n_test)
+    xtr, ytr, ltr = tokens(split["pretrain"], s.n_train)
+    xte, yte, lte = tokens(split["test"], s.n_test)
     res = feature_probes(model, xtr, ytr, xte, yte, list(STORY_FEATURES), label=run_dir.name,
-                         settings=FeatureProbeSettings(iters=s.iters, seed=s.seed))
+                         settings=FeatureProbeSettings(iters=s.iters, seed=s.seed, pool=s.pool),
+                         lengths_train=ltr, lengths_test=lte)
     res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir), "n_train": int(len(ytr)),
                      "n_test": int(len(yte)), "input": "story only, BOS-prefixed, left-padded to the context"})
     return res

@@ -290,12 +290,19 @@ def _print_tables(res: dict, tables: dict, preset: str, out_dir: Path, which: st
                        "loss": "held-out loss on Twist stories at the columns"},
                f"Table 1 analog{tag} — Twist in 16 generations asked for it, ours (paper's) at reFT steps "
                f"{'/'.join(map(str, cols))} (paper {paper_cols}); preset {preset}, runs in {out_dir}")
-    if tables["probes"]:
-        layers = [k for k in tables["probes"][0] if k.startswith("B")]
-        print_rows([{**r, **{k: _pct(r.get(k)) for k in (*layers, "mean", "base_rate")}} for r in tables["probes"]],
-                   {"model": "model", **{k: k for k in layers}, "mean": "mean", "base_rate": "base rate"},
-                   f"Fig. 11a analog{tag} — Twist probe accuracy % per block (test split). Paper: "
-                   + res["paper_probe_claim"])
+    for key, pooling in (("probes", "the last 10 positions, as the paper"), ("probes_story", "the whole story")):
+        if tables.get(key):
+            layers = [k for k in tables[key][0] if k.startswith("B")]
+            print_rows([{**r, **{k: _pct(r.get(k)) for k in (*layers, "mean", "base_rate")}} for r in tables[key]],
+                       {"model": "model", **{k: k for k in layers}, "mean": "mean", "base_rate": "base rate"},
+                       f"Fig. 11a analog{tag} — Twist probe accuracy % per block (test split), pooled over "
+                       f"{pooling}. Paper: " + res["paper_probe_claim"])
+    if tables.get("losses"):
+        parts = [k for k in tables["losses"][0] if k != "model"]
+        print_rows([{"model": r["model"], **{k: "—" if r[k] is None else f"{r[k]:.3f}" for k in parts}}
+                    for r in tables["losses"]], {"model": "model", **{k: k for k in parts}},
+                   f"Held-out loss by part{tag} (nats per token; texts with Twist split into instruction, the Twist "
+                   "sentence and the rest of the story; then texts without Twist), at the end of each run")
 
 
 @stories_app.command("probe")
@@ -305,11 +312,14 @@ def probe_cmd(
     n_test: int = typer.Option(500, help="held-out stories (from the test split)"),
     iters: int = typer.Option(2000, help="probe training iterations (the paper: 2000, batch 128, lr 1e-3)"),
     seed: int = typer.Option(0),
+    pool: str = typer.Option("last", help="last: the mean of the last 10 positions (the paper); story: the mean "
+                                          "over every position of the story (a control for what the end shows)"),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Per-block linear probes for the six story features on the mean of the last 10 positions (App. F.2, Fig. 11a);
-    writes RUN/analysis/feature_probe.json for each run and prints accuracy beside the base rate."""
+    """Per-block linear probes for the six story features on the mean of the last 10 positions (App. F.2, Fig. 11a)
+    or over the whole story (--pool story); writes RUN/analysis/feature_probe.json (feature_probe-story.json) for
+    each run and prints accuracy beside the base rate."""
     from wrapperlab.analysis.common import AnalysisError
     from wrapperlab.analysis.registry import Context, analyze
     from wrapperlab.tasks.stories import StoriesError
@@ -318,12 +328,14 @@ def probe_cmd(
 
     if min(n_train, n_test, iters) < 1:
         _fail("--n-train, --n-test and --iters must be >= 1")
+    if pool not in ("last", "story"):
+        _fail(f"--pool: expected last or story, got {pool!r}")
     results = []
     for d in run_dirs:
         try:
-            res = analyze("feature_probe", d, n_train=n_train, n_test=n_test, iters=iters, seed=seed,
+            res = analyze("feature_probe", d, n_train=n_train, n_test=n_test, iters=iters, seed=seed, pool=pool,
                           context=Context(device=device))
-            res.save(Path(d) / "analysis" / "feature_probe.json")
+            res.save(Path(d) / "analysis" / ("feature_probe.json" if pool == "last" else "feature_probe-story.json"))
             results.append(res)
         except (AnalysisError, ConfigError, StoriesError, ck.CheckpointError) as e:
             _fail(f"{d}: {e}")
@@ -336,7 +348,8 @@ def probe_cmd(
         rows = [{"feature": f, **{x["layer"]: _pct(x["acc"]) for x in r.rows if x["feature"] == f},
                  "base": _pct(next(x["base_rate"] for x in r.rows if x["feature"] == f))} for f in feats]
         print_rows(rows, {"feature": "feature", **{k: k for k in layers}, "base": "base rate"},
-                   f"{r.meta['run_dir']}: probe accuracy % per block ({r.meta['n_test']} test stories)")
+                   f"{r.meta['run_dir']}: probe accuracy % per block ({r.meta['n_test']} test stories; "
+                   f"{r.meta['pooling']})")
 
 
 @stories_app.command("judge")

@@ -8,8 +8,10 @@ One call trains (or reuses) every run of the protocol under ``OUT``:
 - ``recover-…`` for each deleted model and ``recover-control``: reFT on the recovery set (Twist stories) at one LR
   for every model, evaluated at the Table 1 columns (App. F.1, Table 1);
 
-then probes the Twist feature per block in pretrain, control and the six deleted models (App. F.2, Fig. 11a), and
-returns the rows of both tables beside the paper's values. A run directory is an ordinary story run
+then probes the Twist feature per block in pretrain, control and the six deleted models (App. F.2, Fig. 11a; on the
+paper's last 10 positions and, as a control, over the whole story), splits each final model's held-out loss into
+instruction, Twist sentence and the rest of the story (``analysis/story_loss.py``), and returns the rows of the
+tables beside the paper's values. A run directory is an ordinary story run
 (a story task trained by the one stage loop): a finished one is reused, an interrupted one resumes exactly.
 
 Presets (choices the paper does not make for us, written down here):
@@ -43,6 +45,7 @@ from wrapperlab.experiments.spec import AnalysisSpec, ExperimentSpec, RunGroup
 
 KINDS = ("F", "F+R", "F+MM")
 ETAS = ("M", "S")
+POOLS = ("last", "story")  # the paper's probe input (the last 10 positions), and the whole story as a control
 
 # Table 1 (paper §5.2): percent of reFT generations with a twist at reFT iteration 0 / 30 / 300 / 3000
 PAPER_TABLE1 = {
@@ -125,8 +128,9 @@ def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None,
                   seeds: tuple[int, ...] = (0,)) -> ExperimentSpec:
     """The protocol as an experiment spec of the ``stories`` preset: pretrain and the control, deletion of each
     kind at η_M and η_S below pretrain, reFT below every deletion and below the control (a child inherits its
-    parent's model, tokenizer, data and seed), and Fig. 11a's probes on pretrain, the control and the deleted
-    models; once per training seed (the spec's ``seeds``)."""
+    parent's model, tokenizer, data and seed), Fig. 11a's probes on pretrain, the control and the deleted
+    models (both poolings), and the loss split of pretrain and every reFT run; once per training seed (the spec's
+    ``seeds``)."""
     every = {"train.precision": p.precision, "batch_size": p.batch_size}
     root = {**every, "task.data": str(data), "task.vocab_size": p.vocab_size, "task.seq_len": p.model["seq_len"],
             "task.max_new_tokens": p.max_new_tokens, "task.eval_n": p.eval_n, "task.judge": judge,
@@ -145,10 +149,12 @@ def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None,
         "recover_control": RunGroup(stage="reft", preset="stories", parent="control", set=rec),
     }
     probe = {"n_train": p.probe_train, "n_test": p.probe_test, "iters": p.probe_iters, "seed": seeds[0]}
+    analyses = [AnalysisSpec(tool="feature_probe", on=g, settings={**probe, "pool": pool})
+                for pool in POOLS for g in ("pretrain", "control", "delete")]
+    analyses += [AnalysisSpec(tool="story_loss", on=g, settings={"seed": seeds[0]})
+                 for g in ("pretrain", "recover", "recover_control")]
     return ExperimentSpec(name=f"stories-{p.name}", description="the TinyStories protocol (paper App. F; Table 1, "
-                          "Fig. 11a)", runs=runs, seeds=list(seeds),
-                          analyses=[AnalysisSpec(tool="feature_probe", on=g, settings=probe)
-                                    for g in ("pretrain", "control", "delete")])
+                          "Fig. 11a)", runs=runs, seeds=list(seeds), analyses=analyses)
 
 
 def protocol_runs(p: StoriesPreset, plan, seed: int) -> dict[str, Path]:
@@ -169,8 +175,10 @@ def protocol_runs(p: StoriesPreset, plan, seed: int) -> dict[str, Path]:
 PROBED = ("pretrain", "control") + tuple(f"delete-{k}-{e}" for e in ETAS for k in KINDS)
 
 
-def _probe_results(plan, runs: dict[str, Path]) -> dict[str, Path]:
-    by_dir = {Path(n.run_dir): Path(n.payload["result"]) for n in plan.analyses("feature_probe")}
+def _results(plan, runs: dict[str, Path], tool: str, **settings) -> dict[str, Path]:
+    """The planned ``tool`` result of each named run, among the analyses with these settings."""
+    by_dir = {Path(n.run_dir): Path(n.payload["result"]) for n in plan.analyses(tool)
+              if all(n.payload["settings"].get(k) == v for k, v in settings.items())}
     return {name: by_dir[d] for name, d in runs.items() if d in by_dir}
 
 
@@ -233,15 +241,40 @@ def probe_rows(results: dict[str, Path], feature: str = "Twist") -> list[dict]:
     return rows
 
 
+LOSSED = ("pretrain",) + tuple(f"recover-{k}-{e}" for e in ETAS for k in KINDS) + ("recover-control",)
+
+
+def loss_rows(results: dict[str, Path], feature: str = "Twist") -> list[dict]:
+    """Where the held-out loss comes from, per model at the end of its run (the reFT runs: the last column):
+    mean loss on texts with the feature (all tokens, the instruction, the feature's sentence, the rest of the
+    story) and on texts without it."""
+    from wrapperlab.analysis.common import Result
+
+    rows = []
+    for name in LOSSED:
+        path = results.get(name)
+        if path is None or not path.is_file():
+            continue
+        got = {(r["stories"], r["part"]): r["loss"] for r in Result.load(path).rows}
+        w, wo = f"with {feature}", f"without {feature}"
+        rows.append({"model": name, "all": got.get((w, "all")), "instruction": got.get((w, "instruction")),
+                     "feature sentence": got.get((w, "feature sentence")),
+                     "rest of story": got.get((w, "rest of story")), f"without {feature}": got.get((wo, "all"))})
+    return rows
+
+
 def summary(p: StoriesPreset, out: str | Path, plan, wall_s: float | None = None) -> dict:
-    """The tables of every seed under ``by_seed``; ``runs``, ``table1`` and ``probes`` at the top are the first
-    seed's (the whole summary when there is one seed)."""
+    """The tables of every seed under ``by_seed``; ``runs``, ``table1``, ``probes`` (the paper's pooling),
+    ``probes_story`` (pooled over the story) and ``losses`` at the top are the first seed's (the whole summary when
+    there is one seed)."""
     out = Path(out)
     by_seed = {}
     for seed in plan.spec.seeds:
         runs = protocol_runs(p, plan, seed)
         by_seed[str(seed)] = {"runs": {k: str(v) for k, v in runs.items()}, "table1": table1_rows(p, runs),
-                              "probes": probe_rows(_probe_results(plan, runs))}
+                              "probes": probe_rows(_results(plan, runs, "feature_probe", pool="last")),
+                              "probes_story": probe_rows(_results(plan, runs, "feature_probe", pool="story")),
+                              "losses": loss_rows(_results(plan, runs, "story_loss"))}
     res = {"preset": asdict(p), "columns": list(p.columns), "paper_columns": list(PAPER_COLUMNS),
            "seeds": list(plan.spec.seeds), **by_seed[str(plan.spec.seeds[0])], "by_seed": by_seed,
            "paper_probe_claim": PAPER_PROBE_CLAIM}

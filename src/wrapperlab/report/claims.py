@@ -52,6 +52,17 @@ class RunRecord:
     run_dir: Path
     side: dict
     results: dict[str, Result] = field(default_factory=dict)  # tool -> latest result
+    every: dict[str, list[Result]] = field(default_factory=dict)  # tool -> all its results, oldest first
+
+    def result(self, tool: str, defaults: dict | None = None, **settings) -> Result | None:
+        """The latest ``tool`` result computed with these settings (a setting missing from an older file reads as
+        its value in ``defaults``)."""
+        base = defaults or {}
+        for res in reversed(self.every.get(tool, [])):
+            got = res.meta.get("settings", {})
+            if all(got.get(k, base.get(k)) == v for k, v in settings.items()):
+                return res
+        return None
 
     @property
     def cfg(self) -> dict:
@@ -136,6 +147,7 @@ class Evidence:
                 except ValueError:
                     continue
                 rec.results[res.tool] = res
+                rec.every.setdefault(res.tool, []).append(res)
             recs.append(rec)
         return cls(recs)
 
@@ -529,8 +541,9 @@ def claim_tinystories(ev: Evidence) -> dict:
             kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
             cases.append((f"{kind} (deletion lr {lr:g}): Twist in {_pct(s0)} of generations "
                           f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); loss on "
-                          f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})",
-                          s1 > c_first and loss < c_loss, {"Twist rate": s1, "loss": loss, "control loss": c_loss}))
+                          f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})"
+                          + _loss_parts(r, control), s1 > c_first and loss < c_loss,
+                          {"Twist rate": s1, "loss": loss, "control loss": c_loss}))
     return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: reFT on "
                   "Twist stories revives it faster than a model that never saw Twist learns it",
                   "after 30 reFT steps 44–88 % of generations have a twist vs 31 % for the not-in-pretraining "
@@ -540,8 +553,22 @@ def claim_tinystories(ev: Evidence) -> dict:
                   "column below the control's")
 
 
-def _twist_probe(r: RunRecord | None, feature: str = "Twist") -> float | None:
-    res = r.results.get("feature_probe") if r is not None else None
+def _loss_parts(r: RunRecord, control: RunRecord) -> str:
+    """Where the two final losses differ (stored ``story_loss`` results): the Twist sentence and the rest."""
+    mine, theirs = r.result("story_loss"), control.result("story_loss")
+    if mine is None or theirs is None:
+        return ""
+    part = lambda res, stories, name: next((x["loss"] for x in res.rows  # noqa: E731
+                                            if x["stories"].startswith(stories) and x["part"] == name), None)
+    got = [(name, part(mine, st, key), part(theirs, st, key))
+           for name, st, key in (("Twist sentence", "with", "feature sentence"),
+                                 ("rest of the story", "with", "rest of story"),
+                                 ("instruction", "with", "instruction"), ("stories without Twist", "without", "all"))]
+    return " — by part: " + ", ".join(f"{n} {a:.3f} (control {b:.3f})" for n, a, b in got if None not in (a, b))
+
+
+def _twist_probe(r: RunRecord | None, feature: str = "Twist", pool: str = "last") -> float | None:
+    res = r.result("feature_probe", {"pool": "last"}, pool=pool) if r is not None else None
     accs = [x["acc"] for x in res.rows if x["feature"] == feature] if res is not None else []
     return sum(accs) / len(accs) if accs else None
 
@@ -559,8 +586,11 @@ def claim_tinystories_probe(ev: Evidence) -> dict:
             continue
         ok = a >= p - STORY_PROBE_TOLERANCE and a > c
         kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
-        cases.append((f"{kind} (lr {lr:g}): Twist probe {_pct(a)} (mean over blocks) vs "
-                      f"pretrained {_pct(p)}, not in pretraining {_pct(c)}", ok, {"probe": a}))
+        sa, sp, sc = (_twist_probe(x, pool="story") for x in (d, pt, ctrl_pt))
+        whole = (f"; pooled over the whole story {_pct(sa)} vs {_pct(sp)} and {_pct(sc)}"
+                 if None not in (sa, sp, sc) else "")
+        cases.append((f"{kind} (lr {lr:g}): Twist probe {_pct(a)} (mean over blocks, last 10 positions) vs "
+                      f"pretrained {_pct(p)}, not in pretraining {_pct(c)}{whole}", ok, {"probe": a}))
     return _claim("tinystories-probe", "After deletion fine-tuning, Twist stays linearly readable in the residual "
                   "stream", "Twist probe accuracy barely reduced vs the pretrained model, far above the "
                   "not-in-pretraining model (Fig. 11a)", "paper Fig. 11a", cases,

@@ -516,6 +516,16 @@ def detect_features(story: str) -> set[str]:
     return found
 
 
+_SPAN_RES = {"Twist": (_TWIST_RE,), "Foreshadowing": (_HINT_RE, _CALLBACK_RE), "Dialogue": (_QUOTE_RE,),
+             "BadEnding": (_BAD_RE,), "MoralValue": (_MORAL_RE,), "Conflict": (_CONFLICT1_RE, _CONFLICT2_RE)}
+
+
+def feature_spans(story: str, feature: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the sentences that realise ``feature`` in a procedural story (the phrasings
+    the checker looks for; a real story's feature has no such span), in order."""
+    return sorted((m.start(), m.end()) for r in _SPAN_RES[_check_feature(feature)] for m in r.finditer(story))
+
+
 def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 

@@ -118,6 +118,11 @@ class Tokenizer:
         specials = {self.bos_id, self.eos_id}
         return self.sp.DecodeIds([int(i) for i in ids if int(i) not in specials])
 
+    def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` (no BOS) and each id's (begin, end) offsets in the UTF-8 bytes of ``text``."""
+        proto = self.sp.encode(text, return_type="proto")
+        return [int(x.id) for x in proto.pieces], [(int(x.begin), int(x.end)) for x in proto.pieces]
+
     def pieces(self, text: str) -> list[str]:
         return list(self.sp.EncodeAsPieces(text))
 
