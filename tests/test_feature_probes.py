@@ -75,7 +75,9 @@ def test_story_pooling_averages_each_rows_own_tail_and_reads_what_precedes_the_l
     for li, (_, h) in enumerate(probe_layers(3)):
         for i, n in enumerate([1, 5, 10, 17, 24, 24]):
             assert torch.allclose(got[li, i], cache[h][i, -n:].mean(0), atol=1e-5)
-    assert torch.allclose(pooled_residuals(model, x, last=10), pooled_residuals(model, x, lengths=torch.full((6,), 10)))
+        assert torch.allclose(pooled_residuals(model, x, last=10)[li], cache[h][:, -10:].mean(1), atol=1e-5)
+    with pytest.raises(AnalysisError, match="lengths"):
+        pooled_residuals(model, x, lengths=torch.tensor([3, 4]))
 
     def early(n, seed):  # the feature token sits 11..20 positions from the end: inside a 20-token story only
         tok, y = planted(n, seed)

@@ -122,8 +122,8 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
     assert rows["recover-F+R-S"]["before_reft_loss"] == _side(out, "delete-F+R-S")["metrics"][-1]["heldout_loss"]
     probes = {r["model"]: r for r in res["probes"]}
     assert set(probes) == {"pretrain", "control"} | {f"delete-{k}-{e}" for e in "MS" for k in ("F", "F+R", "F+MM")}
-    (stored_path,) = (_dir(out, "delete-F-M") / "analysis").glob("feature_probe-*.json")
-    stored = json.loads(stored_path.read_text())
+    (stored,) = [d for d in (json.loads(f.read_text()) for f in (_dir(out, "delete-F-M") / "analysis").glob(
+        "feature_probe-*.json")) if d["meta"]["settings"]["pool"] == "last"]
     twist = [x for x in stored["rows"] if x["feature"] == "Twist"]
     assert [x["layer"] for x in twist] == ["B0", "B1"]  # after every block but the last
     assert probes["delete-F-M"]["B1"] == twist[1]["acc"]
@@ -145,6 +145,41 @@ def test_table_trains_the_protocol_and_reports_the_stored_metrics(protocol):
     parts = [stored[("with Twist", k)] for k in ("instruction", "feature sentence", "rest of story")]
     assert sum(x["tokens"] for x in parts) == stored[("with Twist", "all")]["tokens"]
     assert row["all"] == pytest.approx(sum(x["loss"] * x["tokens"] for x in parts) / sum(x["tokens"] for x in parts))
+    assert stored[("with Twist", "feature sentence")]["tokens"] > 0  # windows reach the Twist past the context
+
+
+def test_claims_read_the_probe_of_the_papers_pooling_whatever_the_file_order(tmp_path):
+    """Two feature_probe results on a run (pooled over the last 10 positions and over the story) and one written
+    before pooling was a setting: the rule reads the last-10 one (or the old one), the story one only as context."""
+    import os
+
+    from wrapperlab.analysis.common import Result
+    from wrapperlab.report.claims import Evidence, _twist_probe
+
+    run = tmp_path / "r"
+    (run / "analysis").mkdir(parents=True)
+    from wrapperlab.training.checkpoint import FORMAT
+
+    (run / "checkpoint.json").write_text(json.dumps({"format": FORMAT, "status": "done", "run_id": "x",
+                                                    "stage": "finetune",
+                                                    "config": {"task": {"kind": "story"}, "train": {}}}))
+
+    def write(name, acc, settings, mtime):
+        path = run / "analysis" / name
+        Result("feature_probe", [{"feature": "Twist", "layer": "B0", "acc": acc}], {"settings": settings}).save(path)
+        os.utime(path, (mtime, mtime))
+
+    write("feature_probe-last.json", 0.6, {"last": 10, "pool": "last"}, 100)
+    write("feature_probe-story.json", 0.9, {"last": 10, "pool": "story"}, 200)  # newest
+    (rec,) = Evidence.from_dirs([run]).runs
+    assert _twist_probe(rec) == 0.6 and _twist_probe(rec, pool="story") == 0.9
+    write("feature_probe-last.json", 0.6, {"last": 10, "pool": "last"}, 300)  # now the newest
+    (rec,) = Evidence.from_dirs([run]).runs
+    assert _twist_probe(rec) == 0.6 and _twist_probe(rec, pool="story") == 0.9
+    (run / "analysis" / "feature_probe-last.json").unlink()
+    write("feature_probe-old.json", 0.7, {"last": 10}, 400)  # no pool key: the paper's pooling
+    (rec,) = Evidence.from_dirs([run]).runs
+    assert _twist_probe(rec) == 0.7 and _twist_probe(rec, pool="story") == 0.9
 
 
 def test_table_rerun_reuses_every_run_and_prints_the_tables(protocol):
@@ -265,6 +300,7 @@ def test_the_protocol_takes_a_seed_axis_and_one_seed_keeps_its_run_ids(tmp_path)
         assert set(named) == set(RUNS)
         seeds = {two.nodes[n.key].side["config"]["train"]["seed"] for n in runs if Path(n.run_dir) in named.values()}
         assert seeds == {seed}
-    assert len(two.analyses("feature_probe")) == 2 * 8
+    assert len(two.analyses("feature_probe")) == 2 * 8 * 2  # both poolings
+    assert len(two.analyses("story_loss")) == 2 * 8  # pretrain and the seven reFT runs
     one_line_error(wl("stories", "table", "--seeds", "1,x", "--out", str(tmp_path / "bad")), "--seeds")
     assert not (tmp_path / "bad").exists()

@@ -68,15 +68,18 @@ def test_part_losses_match_one_sequence_at_a_time_and_a_uniform_model_gives_log_
     got = part_losses(model, seqs, seq_len=64, batch=3)
     want = {p: [] for p in PARTS}
     with torch.no_grad():
-        for ids, parts in seqs:
-            x = torch.tensor(ids[:65])[None]
-            ce = F.cross_entropy(model(x[:, :-1])[0], x[0, 1:], reduction="none")
-            for v, part in zip(ce.tolist(), parts[:64]):
-                want["all"].append(v)
-                want[part].append(v)
+        for ids, parts in seqs:  # texts are longer than 64 tokens: the first window, then the rest from token 64 on
+            assert len(ids) > 65
+            for k in range(0, len(ids) - 1, 64):
+                x = torch.tensor(ids[k:k + 65])[None]
+                ce = F.cross_entropy(model(x[:, :-1])[0], x[0, 1:], reduction="none")
+                for v, part in zip(ce.tolist(), parts[k:k + 64]):
+                    want["all"].append(v)
+                    want[part].append(v)
     for p in PARTS:
         assert len(got[p]) == len(want[p]) and np.allclose(got[p], want[p], atol=1e-4), p
-    assert len(got["all"]) == sum(len(got[p]) for p in PARTS[1:])
+    # every token after BOS is predicted exactly once
+    assert len(got["all"]) == sum(len(ids) - 1 for ids, _ in seqs) == sum(len(got[p]) for p in PARTS[1:])
     with torch.no_grad():
         model.tok_emb.weight.zero_()  # the tied head too: every logit is 0
     res = story_loss(model, tok, recs, "Twist", 256)

@@ -56,13 +56,17 @@ def pooled_residuals(model, tokens: torch.Tensor, last: int = 10, batch: int = 6
     t = tokens.shape[1]
     if lengths is None:
         lengths = torch.full((tokens.shape[0],), last)
-    lengths = lengths.clamp(1, t)
+    if lengths.shape != (tokens.shape[0],):
+        raise AnalysisError(f"lengths: need one length per sequence ({tokens.shape[0]}), got shape "
+                            f"{tuple(lengths.shape)}")
+    lengths = lengths.clamp(1, t).to(device)
+    pos = torch.arange(t, device=device)
     parts = []
     for i in range(0, tokens.shape[0], batch):
         _, cache = model.run_with_cache(tokens[i:i + batch].to(device), names_filter=names)
         n = lengths[i:i + batch]
-        w = (torch.arange(t)[None] >= (t - n)[:, None]).float() / n[:, None]  # (b, t): 1/len on the pooled tail
-        parts.append(torch.stack([torch.einsum("bt,btd->bd", w, cache[h].float().cpu()) for h in names]))
+        w = (pos[None] >= (t - n)[:, None]).float() / n[:, None]  # (b, t): 1/len on the pooled tail
+        parts.append(torch.stack([torch.einsum("bt,btd->bd", w, cache[h].float()) for h in names]).cpu())
     model.train(was)
     return torch.cat(parts, dim=1)
 
@@ -147,7 +151,7 @@ def feature_probe_run(run_dir: str | Path, *, settings: FeatureProbeRunSettings 
         ends = [tok.encode(r.story) for r in pick]
         fillers = [tok.encode(r.story) for r in records[:512]]
         y = np.array([[f in r.features for f in STORY_FEATURES] for r in pick], dtype=np.float32)
-        return left_padded(ends, fillers, seq, rng), y, torch.tensor([len(e) for e in ends])
+        return left_padded(ends, fillers, seq, rng), y, torch.tensor([len(e) - 1 for e in ends])  # story, no BOS
 
     xtr, ytr, ltr = tokens(split["pretrain"], s.n_train)
     xte, yte, lte = tokens(split["test"], s.n_test)

@@ -6,8 +6,10 @@ lines, the feature's own sentence and the rest of the story — so a model can l
 damage while writing the feature well, or win on it while never writing the feature. This analysis splits the
 per-token cross-entropy of ``n`` test-split texts into those parts, for texts with the feature and without it (the
 same split, the same texts for every model: they depend on ``seed`` only). The feature's sentences are located by
-the procedural checker's phrasings (``tasks.stories.feature_spans``); a token belongs to them when its bytes overlap
-one. Each text is scored alone, BOS first, cropped to the model's context.
+the procedural checker's phrasings (``tasks.stories.feature_spans``); a token belongs to them when its characters
+overlap one. Each text is scored alone, BOS first, in fp32; a text longer than the model's context is scored in
+consecutive windows (every token predicted once). The ``all`` part is therefore close to, not equal to, the
+training-time ``heldout_loss`` (random windows of a stream of Twist texts, each with the previous text as context).
 """
 
 from __future__ import annotations
@@ -35,30 +37,35 @@ def token_parts(tokenizer, text: str, story_start: int, spans: list[tuple[int, i
     ``story_start``, "feature sentence" when it overlaps a character span of ``spans`` (offsets in the text),
     "rest of story" otherwise."""
     ids, offs = tokenizer.spans(text)
-    to_byte = lambda i: len(text[:i].encode("utf-8"))  # noqa: E731
-    start = to_byte(story_start)
-    byte_spans = [(to_byte(a), to_byte(b)) for a, b in spans]
     parts = []
     for b, e in offs:
-        if any(b < se and e > ss for ss, se in byte_spans):
+        e = max(e, b + 1)  # a zero-width piece (part of a multi-byte character) belongs to the character at b
+        if any(b < se and e > ss for ss, se in spans):
             parts.append("feature sentence")
-        elif e <= start:
+        elif e <= story_start:
             parts.append("instruction")
         else:
             parts.append("rest of story")
     return [tokenizer.bos_id] + ids, parts
 
 
+def windows(ids: list[int], parts: list[str], seq_len: int) -> list[tuple[list[int], list[str]]]:
+    """Consecutive windows of at most ``seq_len`` inputs: window k feeds ids[k*seq_len : (k+1)*seq_len + 1] and
+    predicts each of its tokens after the first, so every token after BOS is predicted exactly once."""
+    return [(ids[k:k + seq_len + 1], parts[k:k + seq_len]) for k in range(0, len(ids) - 1, seq_len)]
+
+
 @torch.no_grad()
 def part_losses(model, seqs: list[tuple[list[int], list[str]]], seq_len: int, batch: int = 32) -> dict[str, list]:
     """Per part, the cross-entropy of every token predicted (token i+1 from the prefix through i), pooled over all
-    sequences; ``all`` holds every token."""
+    sequences (a sequence longer than ``seq_len`` in consecutive windows); ``all`` holds every token."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     out: dict[str, list] = {p: [] for p in PARTS}
+    seqs = [w for ids, parts in seqs for w in windows(ids, parts, seq_len)]
     for i in range(0, len(seqs), batch):
-        chunk = [(ids[:seq_len + 1], parts[:seq_len]) for ids, parts in seqs[i:i + batch]]
+        chunk = seqs[i:i + batch]
         width = max(len(ids) for ids, _ in chunk)
         x = torch.zeros(len(chunk), width, dtype=torch.long)  # right padding: causal, so it never reaches a token
         for j, (ids, _) in enumerate(chunk):

@@ -104,7 +104,7 @@ class AnalysisSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tool: str = Field(description="a registered analysis (wrapperlab.analysis.registry): probe, prune, revival, "
-                                  "verdict, attention, attention_signature, feature_probe, or one of yours")
+                                  "verdict, attention, attention_signature, feature_probe, story_loss, or one of yours")
     on: str
     where: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict, description="the tool's settings (its settings fields)")

@@ -149,7 +149,8 @@ def protocol_spec(p: StoriesPreset, data: str | Path, judge: str | None = None,
         "recover_control": RunGroup(stage="reft", preset="stories", parent="control", set=rec),
     }
     probe = {"n_train": p.probe_train, "n_test": p.probe_test, "iters": p.probe_iters, "seed": seeds[0]}
-    analyses = [AnalysisSpec(tool="feature_probe", on=g, settings={**probe, "pool": pool})
+    # the paper's pooling keeps its settings (and analysis ids) as written before pooling was a setting
+    analyses = [AnalysisSpec(tool="feature_probe", on=g, settings=probe if pool == "last" else {**probe, "pool": pool})
                 for pool in POOLS for g in ("pretrain", "control", "delete")]
     analyses += [AnalysisSpec(tool="story_loss", on=g, settings={"seed": seeds[0]})
                  for g in ("pretrain", "recover", "recover_control")]
@@ -175,10 +176,12 @@ def protocol_runs(p: StoriesPreset, plan, seed: int) -> dict[str, Path]:
 PROBED = ("pretrain", "control") + tuple(f"delete-{k}-{e}" for e in ETAS for k in KINDS)
 
 
-def _results(plan, runs: dict[str, Path], tool: str, **settings) -> dict[str, Path]:
-    """The planned ``tool`` result of each named run, among the analyses with these settings."""
+def _results(plan, runs: dict[str, Path], tool: str, defaults: dict | None = None, **settings) -> dict[str, Path]:
+    """The planned ``tool`` result of each named run, among the analyses with these settings (a setting the spec
+    leaves out reads as its value in ``defaults``)."""
+    base = defaults or {}
     by_dir = {Path(n.run_dir): Path(n.payload["result"]) for n in plan.analyses(tool)
-              if all(n.payload["settings"].get(k) == v for k, v in settings.items())}
+              if all(n.payload["settings"].get(k, base.get(k)) == v for k, v in settings.items())}
     return {name: by_dir[d] for name, d in runs.items() if d in by_dir}
 
 
@@ -272,7 +275,8 @@ def summary(p: StoriesPreset, out: str | Path, plan, wall_s: float | None = None
     for seed in plan.spec.seeds:
         runs = protocol_runs(p, plan, seed)
         by_seed[str(seed)] = {"runs": {k: str(v) for k, v in runs.items()}, "table1": table1_rows(p, runs),
-                              "probes": probe_rows(_results(plan, runs, "feature_probe", pool="last")),
+                              "probes": probe_rows(_results(plan, runs, "feature_probe", {"pool": "last"},
+                                                            pool="last")),
                               "probes_story": probe_rows(_results(plan, runs, "feature_probe", pool="story")),
                               "losses": loss_rows(_results(plan, runs, "story_loss"))}
     res = {"preset": asdict(p), "columns": list(p.columns), "paper_columns": list(PAPER_COLUMNS),

@@ -558,12 +558,14 @@ def _loss_parts(r: RunRecord, control: RunRecord) -> str:
     mine, theirs = r.result("story_loss"), control.result("story_loss")
     if mine is None or theirs is None:
         return ""
+    f = mine.meta.get("feature", "Twist")
     part = lambda res, stories, name: next((x["loss"] for x in res.rows  # noqa: E731
-                                            if x["stories"].startswith(stories) and x["part"] == name), None)
+                                            if x["stories"] == stories and x["part"] == name), None)
     got = [(name, part(mine, st, key), part(theirs, st, key))
-           for name, st, key in (("Twist sentence", "with", "feature sentence"),
-                                 ("rest of the story", "with", "rest of story"),
-                                 ("instruction", "with", "instruction"), ("stories without Twist", "without", "all"))]
+           for name, st, key in ((f"{f} sentence", f"with {f}", "feature sentence"),
+                                 ("rest of the story", f"with {f}", "rest of story"),
+                                 ("instruction", f"with {f}", "instruction"),
+                                 (f"stories without {f}", f"without {f}", "all"))]
     return " — by part: " + ", ".join(f"{n} {a:.3f} (control {b:.3f})" for n, a, b in got if None not in (a, b))
 
 

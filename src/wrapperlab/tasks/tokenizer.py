@@ -119,9 +119,10 @@ class Tokenizer:
         return self.sp.DecodeIds([int(i) for i in ids if int(i) not in specials])
 
     def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """The ids of ``text`` (no BOS) and each id's (begin, end) offsets in the UTF-8 bytes of ``text``."""
-        proto = self.sp.encode(text, return_type="proto")
-        return [int(x.id) for x in proto.pieces], [(int(x.begin), int(x.end)) for x in proto.pieces]
+        """The ids of ``text`` (no BOS) and each id's (begin, end) character offsets in ``text`` (a byte-fallback
+        piece of a multi-byte character may have begin == end)."""
+        m = self.sp.encode(text, return_type="offset_mapping")
+        return [int(i) for i in m["ids"]], [(int(b), int(e)) for b, e in m["offsets"]]
 
     def pieces(self, text: str) -> list[str]:
         return list(self.sp.EncodeAsPieces(text))
