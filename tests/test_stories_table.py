@@ -206,26 +206,42 @@ def test_report_gains_the_tinystories_claims_computed_from_the_runs(protocol, tm
     assert c["tinystories"]["status"] != "not measured" and c["tinystories-probe"]["status"] != "not measured"
     # the controls beside each case: the probe pooled over the whole story, the final loss split by part
     assert all("pooled over the whole story" in d["text"] for d in c["tinystories-probe"]["details"])
-    assert all("by part: Twist sentence" in d["text"] for d in c["tinystories"]["details"])
+    assert all("loss on the Twist sentence" in d["text"] and "other parts: rest of the story" in d["text"]
+               for d in c["tinystories"]["details"])
     side_path = _dir(out, "recover-control") / "checkpoint.json"
-    original = side_path.read_text()
+    (loss_path,) = (_dir(out, "recover-control") / "analysis").glob("story_loss-*.json")
+    original, original_loss = side_path.read_text(), loss_path.read_text()
+
+    def control_twist_loss(v):  # the control's stored loss on the Twist sentence
+        d = json.loads(original_loss)
+        for x in d["rows"]:
+            if (x["stories"], x["part"]) == ("with Twist", "feature sentence"):
+                x["loss"] = v
+        loss_path.write_text(json.dumps(d))
+
+    recs = [json.loads((_dir(out, f"recover-{k}-{e}") / "checkpoint.json").read_text()) for e in "MS"
+            for k in ("F", "F+R", "F+MM")]
+    revived = [any(m["score"] > 0 for m in s["metrics"] if m["step"] == 2) for s in recs]
+    by_count = "reproduced" if all(revived) else "partial" if any(revived) else "not reproduced"
     try:
         side = json.loads(original)
-        for m in side["metrics"]:  # a control that learns Twist at once and ends with the lowest loss
-            m["score"], m["heldout_loss"] = 1.0, 0.0
+        for m in side["metrics"]:  # a control that learns Twist at once
+            m["score"] = 1.0
         side_path.write_text(json.dumps(side))
         assert claims()["tinystories"]["status"] == "not reproduced"
-        for m in side["metrics"]:  # a control that never learns it
+        for m in side["metrics"]:  # a control that never learns it and ends with the worst whole-text loss ...
             m["score"], m["heldout_loss"] = 0.0, 99.0
         side_path.write_text(json.dumps(side))
-        recs = [json.loads((_dir(out, f"recover-{k}-{e}") / "checkpoint.json").read_text()) for e in "MS"
-                for k in ("F", "F+R", "F+MM")]
-        expect = "reproduced" if all(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
-            else "partial" if any(m["score"] > 0 for s in recs for m in s["metrics"] if m["step"] == 2) \
-            else "not reproduced"
-        assert claims()["tinystories"]["status"] == expect
+        control_twist_loss(99.0)  # ... and the worst loss on the Twist sentence
+        assert claims()["tinystories"]["status"] == by_count
+        control_twist_loss(0.0)  # the rule reads the Twist sentence, not the whole texts
+        assert claims()["tinystories"]["status"] == "not reproduced"
+        loss_path.unlink()  # no split stored: the whole texts' held-out loss decides
+        got = claims()["tinystories"]
+        assert got["status"] == by_count and "no loss split stored" in got["evidence"]
     finally:
         side_path.write_text(original)
+        loss_path.write_text(original_loss)
 
 
 def test_probe_command_writes_results_for_any_story_run(protocol):

@@ -526,47 +526,59 @@ def _story_protocol(ev: Evidence):
     return sorted(deleted, key=lambda x: (-x[1].cfg["train"]["lr"], x[1].cfg["task"]["dataset"])), control
 
 
+def _part_loss(r: RunRecord, part: str = "feature sentence") -> float | None:
+    """The stored ``story_loss`` of ``part`` on texts with the run's feature (at the end of the run), or None."""
+    res = r.result("story_loss")
+    f = res.meta.get("feature", "Twist") if res is not None else ""
+    return next((x["loss"] for x in res.rows if x["stories"] == f"with {f}" and x["part"] == part), None) \
+        if res is not None else None
+
+
 def claim_tinystories(ev: Evidence) -> dict:
     deleted, control = _story_protocol(ev)
     cases = []
     if control is not None:
         steps = sorted(m["step"] for m in control.side.get("metrics", []))
         first, last = (steps[1] if len(steps) > 1 else steps[0]), steps[-1]
-        c_first, c_loss = _story_metric(control, first, "score"), _story_metric(control, last, "heldout_loss")
+        c_first = _story_metric(control, first, "score")
         for r, d in deleted:
             s0, s1 = _story_metric(r, 0, "score"), _story_metric(r, first, "score")
-            loss = _story_metric(r, last, "heldout_loss")
+            # the loss on the Twist sentence itself where the split is stored; else the whole texts' held-out loss
+            loss, c_loss, what = _part_loss(r), _part_loss(control), "loss on the Twist sentence"
+            if None in (loss, c_loss):
+                loss, c_loss = _story_metric(r, last, "heldout_loss"), _story_metric(control, last, "heldout_loss")
+                what = "held-out loss on Twist stories (no loss split stored)"
             if None in (s0, s1, loss, c_first, c_loss):
                 continue
             kind, lr = d.cfg["task"]["dataset"], d.cfg["train"]["lr"]
             cases.append((f"{kind} (deletion lr {lr:g}): Twist in {_pct(s0)} of generations "
-                          f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); loss on "
-                          f"Twist stories after {last} steps {loss:.3f} (control {c_loss:.3f})"
-                          + _loss_parts(r, control), s1 > c_first and loss < c_loss,
-                          {"Twist rate": s1, "loss": loss, "control loss": c_loss}))
+                          f"after deletion, {_pct(s1)} after {first} reFT steps (control {_pct(c_first)}); {what} "
+                          f"after {last} steps {loss:.3f} (control {c_loss:.3f})" + _loss_parts(r, control),
+                          s1 > c_first and loss < c_loss, {"Twist rate": s1, "loss": loss, "control loss": c_loss}))
     return _claim("tinystories", "On TinyStories, fine-tuning to delete the Twist feature only hides it: reFT on "
                   "Twist stories revives it faster than a model that never saw Twist learns it",
                   "after 30 reFT steps 44–88 % of generations have a twist vs 31 % for the not-in-pretraining "
                   "control; deleted models' loss ends below the control's (Table 1, Figs. 11b, 33)",
                   "paper §5.2, Table 1", cases, "no story protocol stored (`wrapperlab stories table`)",
-                  "after the first reFT column: Twist rate above the control's, and the held-out loss at the last "
-                  "column below the control's")
+                  "after the first reFT column: Twist rate above the control's; at the end of reFT, the loss on the "
+                  "Twist sentence (`story_loss`; the whole texts' held-out loss where no split is stored) below the "
+                  "control's — the whole-text loss also measures the instruction and the rest of the story, which "
+                  "deletion and the control's pretraining change for reasons of their own")
 
 
 def _loss_parts(r: RunRecord, control: RunRecord) -> str:
     """Where the two final losses differ (stored ``story_loss`` results): the Twist sentence and the rest."""
-    mine, theirs = r.result("story_loss"), control.result("story_loss")
-    if mine is None or theirs is None:
+    if r.result("story_loss") is None or control.result("story_loss") is None:
         return ""
+    got = [(name, _part_loss(r, key), _part_loss(control, key))
+           for name, key in (("rest of the story", "rest of story"), ("instruction", "instruction"),
+                             ("all tokens", "all"))]
+    mine, theirs = r.result("story_loss"), control.result("story_loss")
     f = mine.meta.get("feature", "Twist")
-    part = lambda res, stories, name: next((x["loss"] for x in res.rows  # noqa: E731
-                                            if x["stories"] == stories and x["part"] == name), None)
-    got = [(name, part(mine, st, key), part(theirs, st, key))
-           for name, st, key in ((f"{f} sentence", f"with {f}", "feature sentence"),
-                                 ("rest of the story", f"with {f}", "rest of story"),
-                                 ("instruction", f"with {f}", "instruction"),
-                                 (f"stories without {f}", f"without {f}", "all"))]
-    return " — by part: " + ", ".join(f"{n} {a:.3f} (control {b:.3f})" for n, a, b in got if None not in (a, b))
+    without = [next((x["loss"] for x in res.rows if x["stories"] == f"without {f}" and x["part"] == "all"), None)
+               for res in (mine, theirs)]
+    got.append((f"texts without {f}", *without))
+    return " — other parts: " + ", ".join(f"{n} {a:.3f} (control {b:.3f})" for n, a, b in got if None not in (a, b))
 
 
 def _twist_probe(r: RunRecord | None, feature: str = "Twist", pool: str = "last") -> float | None:
