@@ -33,6 +33,18 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return cfg, task, model, side
 
 
+def load_story_run(run_dir: str | Path, device: str, tool: str):
+    """:func:`load_run` of a finished story run; ``AnalysisError`` (one line naming ``tool``) otherwise."""
+    from wrapperlab.analysis.common import AnalysisError
+
+    cfg, task, model, side = load_run(run_dir, device)
+    if side.get("status") != "done":
+        raise AnalysisError(f"{run_dir}: the run is not finished (status {side.get('status')})")
+    if cfg.task.kind != "story":
+        raise AnalysisError(f"{run_dir}: {tool} needs a story run (this is a {cfg.task.kind} run)")
+    return cfg, task, model, side
+
+
 def evaluate_run(run_dir: str | Path, c_test: list[float] | None = None, n: int | None = None,
                  family: str | None = None, all_families: bool | None = None, seed: int | None = None,
                  device: str = "cpu") -> tuple[dict, list[dict]]:

@@ -131,17 +131,13 @@ def feature_probe_run(run_dir: str | Path, *, settings: FeatureProbeRunSettings 
     """Fig. 11a's probes on one finished story run: story text only (the instruction stripped), BOS-prefixed,
     left-padded with other stories' text to the model's context; trained on the pretraining split (the paper's
     ``pretrain-all``), measured on the test split."""
-    from wrapperlab.analysis.evaluate import load_run
+    from wrapperlab.analysis.evaluate import load_story_run
     from wrapperlab.tasks.stories import STORY_FEATURES
     from wrapperlab.tasks.story_corpus import left_padded
 
     s = settings or FeatureProbeRunSettings()
     run_dir = Path(run_dir)
-    cfg, task, model, side = load_run(run_dir, device)
-    if side.get("status") != "done":
-        raise AnalysisError(f"{run_dir}: the run is not finished (status {side.get('status')})")
-    if cfg.task.kind != "story":
-        raise AnalysisError(f"{run_dir}: feature probes need a story run (this is a {cfg.task.kind} run)")
+    _, task, model, side = load_story_run(run_dir, device, "feature probes")
     tok, split = task.tokenizer, task.split
     seq = task.seq_len
     rng = np.random.default_rng([s.seed, 11])

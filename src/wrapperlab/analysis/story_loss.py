@@ -111,14 +111,10 @@ def story_loss(model, tokenizer, records, feature: str, seq_len: int, *,
 
 def story_loss_run(run_dir: str | Path, *, settings: StoryLossSettings | None = None, device: str = "cpu") -> Result:
     """:func:`story_loss` of a finished story run on its test split, for the run's feature."""
-    from wrapperlab.analysis.evaluate import load_run
+    from wrapperlab.analysis.evaluate import load_story_run
 
     run_dir = Path(run_dir)
-    cfg, task, model, side = load_run(run_dir, device)
-    if side.get("status") != "done":
-        raise AnalysisError(f"{run_dir}: the run is not finished (status {side.get('status')})")
-    if cfg.task.kind != "story":
-        raise AnalysisError(f"{run_dir}: story_loss needs a story run (this is a {cfg.task.kind} run)")
+    _, task, model, side = load_story_run(run_dir, device, "story_loss")
     res = story_loss(model, task.tokenizer, task.split["test"], task.config.feature, task.seq_len,
                      settings=settings, label=run_dir.name)
     res.meta.update({"run_id": side["run_id"], "run_dir": str(run_dir)})
