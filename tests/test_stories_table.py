@@ -253,8 +253,10 @@ def test_probe_command_writes_results_for_any_story_run(protocol):
     assert {x["feature"] for x in res["rows"]} == set(STORY_FEATURES) and res["meta"]["n_test"] == 10
     assert (_dir(out, "recover-F-M") / "analysis" / "feature_probe.json").is_file()
     r = wl("stories", "probe", str(_dir(out, "recover-F-M")), "--n-train", "30", "--n-test", "10", "--iters", "10",
-           "--pool", "story")
-    assert r.returncode == 0 and "mean over the story's positions" in r.stdout, r.stderr
+           "--pool", "story", "--json")
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["meta"]["pooling"] == "mean over the story's positions" and res["meta"]["settings"]["pool"] == "story"
     assert (_dir(out, "recover-F-M") / "analysis" / "feature_probe-story.json").is_file()
     r = wl("stories", "probe", str(_dir(out, "recover-F-M")), "--pool", "middle")
     assert r.returncode == 2 and "--pool" in r.stderr and len(r.stderr.strip().splitlines()) == 1
