@@ -115,8 +115,10 @@ class RunRecord:
     def tag(self) -> str:
         if self.kind == "story":
             return f"{self.cfg['task']['dataset']} lr {self.cfg['train']['lr']:g}"
-        if self.is_tracr:
-            return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}"
+        if self.is_tracr:  # the length too: 1K (tracr-cpu) and 10K (the paper's) steps give different answers
+            steps = self.cfg["train"].get("steps")
+            return f"{self.cfg['task']['program']} η{self.eta} C_Tr={self.c_train:g}" + (f", {steps} steps"
+                                                                                      if steps else "")
         fam = "" if self.family == "count" else f" {self.family}"  # the counting runs keep their short tags
         mix = f" PT mix {100 * self.pt_mix:g} %" if self.pt_mix else ""
         jail = " with T_J1/T_J2" if self.jailbreak_families else ""
