@@ -174,6 +174,17 @@ def relearn_config(subject: Subject, capability: str | Path, s: RelearnSettings,
             "eval": {"every": s.every, "log_spaced": True}, **extra}
 
 
+def curve_area(steps: list[int], accs: list[float], base_acc: float) -> float | None:
+    """Sample efficiency of a relearning curve: its trapezoid area over the steps run, divided by the steps and by
+    the base model's accuracy (1.0: at the base model's accuracy from the first step; None without a span or a base
+    accuracy above 0). The difference of two curves' areas compares them over every step, not at one threshold."""
+    span = steps[-1] - steps[0] if steps else 0
+    if span <= 0 or base_acc <= 0:
+        return None
+    area = sum((b - a) * (x + y) / 2 for a, b, x, y in zip(steps, steps[1:], accs, accs[1:]))
+    return area / span / base_acc
+
+
 def relearn_pair(subjects: list[tuple[str, Subject]], cap: Capability, out: str | Path, base,
                  s: RelearnSettings | None = None, *, train_data: str | Path | None = None, progress: bool = False,
                  log=lambda _m: None) -> Result:
@@ -182,7 +193,8 @@ def relearn_pair(subjects: list[tuple[str, Subject]], cap: Capability, out: str 
     held-out records. Curves: ``reft`` (the fine-tuned model) and ``scr+ft`` (the control: a model that never had
     the capability, the role of the paper's Scr.+FT baseline). Rows: curve, step, acc, loss, majority. Side table
     ``summary``: per curve, the first evaluated step whose accuracy reaches ``fraction`` x ``base_acc`` (the base
-    model's accuracy on the same held-out records), None when not reached."""
+    model's accuracy on the same held-out records), None when not reached, and the curve's area
+    (:func:`curve_area`); ``meta["area_gap"]``: the fine-tuned curve's area minus the control's."""
     from wrapperlab.analysis.common import AnalysisError
     from wrapperlab.training.config import ConfigError
     from wrapperlab.training.stage import Stage, default_run_dir, resolve
@@ -213,17 +225,20 @@ def relearn_pair(subjects: list[tuple[str, Subject]], cap: Capability, out: str 
         hit = next((r["step"] for r in curve_rows if r["acc"] >= target), None)
         summary.append({"curve": curve, "label": label,
                         "model": subj.path, "lr": s.lr, "steps": s.steps, "steps_to_target": hit,
+                        "area": curve_area([r["step"] for r in curve_rows], [r["acc"] for r in curve_rows], base_acc),
                         "target": target, "start_acc": curve_rows[0]["acc"], "final_acc": curve_rows[-1]["acc"],
                         "run_dir": str(run_dir)})
+    areas = {r["curve"]: r["area"] for r in summary}
     meta = {"settings": s.to_dict(), "capability": str(capability), "base_acc": base_acc, "target": target,
+            "area_gap": areas["reft"] - areas["scr+ft"] if {"reft", "scr+ft"} <= set(areas) else None,
             "relearn_data": str(train_data) if train_data else "the capability's training split",
             "baseline": "control" if any(c == "scr+ft" for c, _ in subjects) else "none given"}
     return Result("revival", rows, meta, {"summary": summary})
 
 
 def verdict_pair(base, finetuned, cap: Capability, *, control=None, settings: PairSettings | None = None,
-                 thresholds=None, revival: Result | None = None,
-                 log=lambda _m: None) -> tuple[Result, dict[str, Result]]:
+                 thresholds=None, revival: Result | None = None, probe: Result | None = None,
+                 prune: Result | None = None, log=lambda _m: None) -> tuple[Result, dict[str, Result]]:
     """The verdict on a (base, fine-tuned) pair: behaviour on every record, probes (base, fine-tuned and a control:
     the given model, else a random-init model of the fine-tuned one's architecture), pruning of the fine-tuned
     model, and relearning when ``revival`` (from :func:`relearn_pair`) is given; returns the verdict and the
@@ -235,11 +250,13 @@ def verdict_pair(base, finetuned, cap: Capability, *, control=None, settings: Pa
     th = thresholds or Thresholds()
     log("behaviour")
     acc_b, acc_f = accuracy(base, cap), accuracy(finetuned, cap)
-    log("probes")
-    ctl = control if control is not None else random_like(finetuned, s.seed)
-    probe = probe_pair([("finetune", finetuned), ("pretrained", base), ("random-init", ctl)], cap, s)
-    log("pruning")
-    prune = prune_pair(finetuned, cap, s.replace(ks=tuple(k for k in s.ks if k <= th.prune_k) or (0,)))
+    if probe is None:
+        log("probes")
+        ctl = control if control is not None else random_like(finetuned, s.seed)
+        probe = probe_pair([("finetune", finetuned), ("pretrained", base), ("random-init", ctl)], cap, s)
+    if prune is None:
+        log("pruning")
+        prune = prune_pair(finetuned, cap, s.replace(ks=tuple(k for k in s.ks if k <= th.prune_k) or (0,)))
     res = decide(acc_b, acc_f, th, probe=probe, prune=prune, revival=revival,
                  what=f"capability ({len(cap)} records)")
     res.meta |= {"capability": cap.source, "control": "given" if control is not None else "random-init"}
@@ -300,6 +317,37 @@ def _causal(s: Subject) -> Subject:
         raise CapabilityError(f"{s.path}: a {components(s.model).family} model that is not causal would read the "
                               f"answer it is asked to predict; capability files need a causal model")
     return s
+
+
+@dataclass
+class Pair:
+    """The subject of a pair analysis: base and fine-tuned models (and a control that never had the capability, when
+    given) read on one capability file with their shared tokenizer."""
+
+    base: Subject | None
+    finetuned: Subject
+    capability: Capability
+    control: Subject | None = None
+
+    @classmethod
+    def open(cls, base: str | Path | None, finetuned: str | Path, capability: str | Path,
+             control: str | Path | None = None, device: str = "cpu") -> Pair:
+        """Open every model and read the capability with their tokenizer, all checked to fit together (one line
+        naming the mismatch otherwise)."""
+        records = read_records(capability)
+        f = open_subject(finetuned, device)
+        b = open_subject(base, device) if base is not None else None
+        if b is not None:
+            check_pair(b, f)
+        ctl = open_subject(control, device) if control is not None else None
+        if ctl is not None:
+            check_pair(f, ctl)
+        return cls(b, f, Capability.build(records, f.tokenizer, f.vocab_size, f.seq_len, str(capability)), ctl)
+
+    def need_base(self, what: str) -> Subject:
+        if self.base is None:
+            raise CapabilityError(f"{what} compares two models: give the base model too")
+        return self.base
 
 
 def check_pair(a: Subject, b: Subject) -> None:

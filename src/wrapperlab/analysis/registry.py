@@ -46,21 +46,25 @@ class Analysis:
     run_settings: tuple[str, ...] = ()  # names run_defaults reads besides the settings' fields (probe: preset)
     runs: Callable[[Any, Settings], list] | None = None  # (run config, settings) -> the training runs it needs
     stages: tuple[str, ...] = ()  # the run stages it applies to (empty: any)
+    # the pair form: (capability.Pair: base, fine-tuned and control models on a capability file, settings, context)
+    on_pair: Callable[[Any, Settings, Context], Result] | None = None
+    pair_settings: type[Settings] | None = None  # the pair form's settings, when they are not ``settings``
     description: str = ""
 
-    def make_settings(self, given: dict | Settings | None = None, cfg=None) -> Settings:
+    def make_settings(self, given: dict | Settings | None = None, cfg=None, *, pair: bool = False) -> Settings:
         """Validated settings from a dict (unknown names and bad values are one-line ``AnalysisError``s); with the
-        run's config, the run-dependent defaults apply first."""
+        run's config, the run-dependent defaults apply first. ``pair``: the pair form's settings."""
         if isinstance(given, Settings):
             return given
+        cls = (self.pair_settings or self.settings) if pair else self.settings
         given = dict(given or {})
         if cfg is not None and self.run_defaults is not None:
             given = self.run_defaults(cfg, given)
-        unknown = sorted(set(given) - set(self.settings.model_fields))
+        unknown = sorted(set(given) - set(cls.model_fields))
         if unknown:
             raise AnalysisError(f"unknown setting(s) {', '.join(unknown)} for {self.name}; known: "
-                                f"{', '.join(self.settings.model_fields)}")
-        return self.settings(**given)
+                                f"{', '.join(cls.model_fields)}")
+        return cls(**given)
 
     def setting_names(self) -> list[str]:
         return list(self.settings.model_fields) + list(self.run_settings)
@@ -72,7 +76,8 @@ register, analyses, get_analysis = ANALYSES.register, ANALYSES.all, ANALYSES.get
 
 def analyze(name: str, target, task=None, *, settings: dict | Settings | None = None, context: Context | None = None,
             inputs: dict[str, Result] | None = None, **kw) -> Result:
-    """Run analysis ``name`` on a run (a directory or a loaded ``Run``), or on ``(model, task)``. Settings come as a
+    """Run analysis ``name`` on a run (a directory or a loaded ``Run``), or on ``(model, task)`` (a model pair:
+    :func:`analyze_pair`). Settings come as a
     dict, a settings object or keyword arguments; every one is validated before any work. ``inputs``: results this
     analysis combines (the verdict's probe, prune and revival)."""
     a = get_analysis(name)
@@ -103,6 +108,23 @@ def analyze(name: str, target, task=None, *, settings: dict | Settings | None = 
     for comp in a.needs:
         need(target, comp)
     return a.on_model(target, task, a.make_settings(given))
+
+
+def analyze_pair(name: str, pair, *, settings: dict | Settings | None = None, context: Context | None = None,
+                 **kw) -> Result:
+    """Run analysis ``name`` on a :class:`~wrapperlab.analysis.capability.Pair` (base and fine-tuned models, and a
+    control when given, measured on one capability file); settings as for :func:`analyze`."""
+    a = get_analysis(name)
+    if a.on_pair is None:
+        have = ", ".join(n for n, x in analyses().items() if x.on_pair is not None)
+        raise AnalysisError(f"{name} has no pair form; analyses of a model pair: {have}")
+    given = settings if isinstance(settings, Settings) else {**(settings or {}), **kw}
+    return a.on_pair(pair, a.make_settings(given, pair=True), context or Context())
+
+
+def pair_analyses() -> list[str]:
+    """The analyses that run on any model pair, in registration order."""
+    return [n for n, a in analyses().items() if a.on_pair is not None]
 
 
 def gather_inputs(name: str, run, out_dir: str | Path, *, skip: tuple[str, ...] = (), defaults: dict | None = None,

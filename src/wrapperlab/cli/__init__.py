@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from wrapperlab.cli import analyze, bench, data, experiments, export, stories, tracr, train
+from wrapperlab.cli import analyze, bench, data, experiments, export, measures, stories, tracr, train  # noqa: F401
 from wrapperlab.cli.common import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,

@@ -430,18 +430,10 @@ def _pair_mode(run: Path | None, finetuned: Path | None, capability: Path | None
 def _open_pair(base: Path | None, finetuned: Path, capability: Path, control: Path | None):
     """(base subject or None, fine-tuned subject, control subject or None, capability), all checked to fit
     together."""
-    from wrapperlab.analysis.capability import Capability, check_pair, open_subject, read_records
+    from wrapperlab.analysis.capability import Pair
 
-    records = read_records(capability)
-    f = open_subject(finetuned)
-    b = open_subject(base) if base is not None else None
-    if b is not None:
-        check_pair(b, f)
-    ctl = None
-    if control is not None:
-        ctl = open_subject(control)
-        check_pair(f, ctl)
-    return b, f, ctl, Capability.build(records, f.tokenizer, f.vocab_size, f.seq_len, str(capability))
+    p = Pair.open(base, finetuned, capability, control)
+    return p.base, p.finetuned, p.control, p.capability
 
 
 def _pair_only(**given) -> None:

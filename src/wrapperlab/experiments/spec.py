@@ -157,6 +157,10 @@ class ExperimentSpec(BaseModel):
             if a.on not in self.runs:
                 raise ValueError(f"analyses.{i}.on: no run group named {a.on!r} (have {', '.join(names)})")
             tool = get_analysis(a.tool)
+            if tool.on_run is None:
+                raise ValueError(f"analyses.{i}.tool: {a.tool} runs on a model pair and a capability file "
+                                 f"(wrapperlab analyze {a.tool.replace('_', '-')} --base … --finetuned … "
+                                 f"--capability …), not on a run of a grid")
             if tool.stages and self.runs[a.on].stage not in tool.stages:
                 raise ValueError(f"analyses.{i}.on: {a.tool} needs a {' or '.join(tool.stages)} group, {a.on!r} is "
                                  f"{self.runs[a.on].stage}")
