@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from wrapperlab.cli import analyze, bench, data, experiments, export, measures, stories, tracr, train  # noqa: F401
+from wrapperlab.cli import analyze, bench, data, experiments, export, measures, organisms, stories, tracr, train  # noqa: F401
 from wrapperlab.cli.common import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -21,6 +21,7 @@ app.add_typer(data.data_app, name="data")
 app.add_typer(analyze.analyze_app, name="analyze")
 app.add_typer(tracr.tracr_app, name="tracr")
 app.add_typer(stories.stories_app, name="stories")
+app.add_typer(organisms.organisms_app, name="organisms")
 experiments.register(app)
 bench.register(app)
 export.register(app)

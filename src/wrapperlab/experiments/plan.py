@@ -61,6 +61,8 @@ class Plan:
     spec: ExperimentSpec
     root: Path
     nodes: dict[str, Node]  # in a valid execution order (parents first)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # spec group -> its run keys (a run two groups
+    # reach alike is one node, listed under both)
 
     def runs(self, group: str | None = None) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == "run" and (group is None or n.group == group)]
@@ -177,7 +179,7 @@ def build_plan(spec: ExperimentSpec, root: str | Path, *, threads: int = 0, devi
                                "run_id": run.run_id, "result": str(result), "inputs": inputs,
                                "runs_root": str(runs_dir), "threads": threads}, cost, run.run_id, run.run_dir)
             planned[(a.tool, run.run_id)] = key
-    return Plan(spec, root, nodes)
+    return Plan(spec, root, nodes, by_group)
 
 
 def _training_nodes(nodes: dict[str, Node], ft: Node, tool, settings, runs_dir: Path, where: str) -> list[str]:
@@ -261,10 +263,7 @@ def execute(payload: dict) -> dict:
     """Run one node to completion (resuming a run from its last checkpoint). Returns a small summary:
     {status, wall_s, pid, ...}. Raises on failure; the scheduler records it."""
     t0 = time.perf_counter()
-    if payload["kind"] == "run":
-        out = _execute_run(payload)
-    else:
-        out = _execute_analysis(payload)
+    out = EXECUTE[payload["kind"]](payload)
     out.update(wall_s=round(time.perf_counter() - t0, 2), pid=os.getpid())
     return out
 
@@ -278,6 +277,15 @@ def _execute_run(p: dict) -> dict:
         raise RuntimeError(f"run id changed between planning ({p['run_id']}) and execution ({rid})")
     side = Stage(cfg, parent, p["run_dir"]).run(progress=False)
     return {"status": side.get("status"), "step": side.get("step")}
+
+
+def _execute_call(p: dict) -> dict:
+    """A node that is a function of its payload (``target``: "module:function"), imported in the worker: the model
+    edits and pair measures of ``experiments/organisms.py``."""
+    import importlib
+
+    module, _, name = p["target"].partition(":")
+    return getattr(importlib.import_module(module), name)(p)
 
 
 def _execute_analysis(p: dict) -> dict:
@@ -295,3 +303,6 @@ def _execute_analysis(p: dict) -> dict:
     remove_stale_temps(Path(p["result"]).parent)  # left by an analysis killed mid-write
     res.save(p["result"])
     return {"status": "done", "result": p["result"]}
+
+
+EXECUTE = {"run": _execute_run, "analysis": _execute_analysis, "call": _execute_call}
