@@ -228,7 +228,7 @@ def relearn_pair(subjects: list[tuple[str, Subject]], cap: Capability, out: str 
                         "area": curve_area([r["step"] for r in curve_rows], [r["acc"] for r in curve_rows], base_acc),
                         "target": target, "start_acc": curve_rows[0]["acc"], "final_acc": curve_rows[-1]["acc"],
                         "run_dir": str(run_dir)})
-    areas = {r["curve"]: r["area"] for r in summary}
+    areas = {r["curve"]: r["area"] for r in summary if r["area"] is not None}
     meta = {"settings": s.to_dict(), "capability": str(capability), "base_acc": base_acc, "target": target,
             "area_gap": areas["reft"] - areas["scr+ft"] if {"reft", "scr+ft"} <= set(areas) else None,
             "relearn_data": str(train_data) if train_data else "the capability's training split",
@@ -258,6 +258,7 @@ def verdict_pair(base, finetuned, cap: Capability, *, control=None, settings: Pa
         log("pruning")
         prune = prune_pair(finetuned, cap, s.replace(ks=tuple(k for k in s.ks if k <= th.prune_k) or (0,)))
     res = decide(acc_b, acc_f, th, probe=probe, prune=prune, revival=revival,
+                 majority=cap.majority(np.arange(len(cap))),
                  what=f"capability ({len(cap)} records)")
     res.meta |= {"capability": cap.source, "control": "given" if control is not None else "random-init"}
     return res, {"probe": probe, "prune": prune} | ({"revival": revival} if revival is not None else {})

@@ -85,8 +85,9 @@ def revival_check(revival: Result, th: Thresholds) -> tuple[bool, dict] | None:
 
 
 def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds, probe: Result | None,
-              prune: Result | None, revival: Result | None) -> tuple[str, str]:
-    """Append the mechanistic evidence rows and decide: (label, why). ``learned`` None: no FT capability measured."""
+              prune: Result | None, revival: Result | None, extra: tuple[dict, ...] = ()) -> tuple[str, str]:
+    """Append the mechanistic evidence rows and decide: (label, why). ``learned`` None: no FT capability measured.
+    ``extra``: evidence rows of other measures (``passed``: still there), which vote alike."""
     votes: list[bool] = []
     if probe is not None and (hit := probe_check(probe, th)) is not None:
         ok, f = hit
@@ -122,6 +123,9 @@ def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds
             rows.append(_row("revival", f"steps to {re_['target']:.3f} O_PT acc: reFT {r_txt}; no baseline (give a "
                                         f"control model that never had the capability)", re_["steps_to_target"],
                              "needs a baseline", None, "no vote"))
+    for r in extra:
+        rows.append(r)
+        votes.append(bool(r["passed"]))
     if not lost:
         label = "amplification" if learned else "unchanged"
         why = ("PT behaviour kept and the FT capability was learned" if learned
@@ -135,18 +139,33 @@ def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds
     return label, why
 
 
+PRESENT_MARGIN = 0.10  # a base model within this of the majority rate does not have the capability
+
+
 def decide(acc_base: float, acc_ft: float, th: Thresholds, *, probe: Result | None = None,
-           prune: Result | None = None, revival: Result | None = None, what: str = "capability") -> Result:
-    """The verdict on a (base, fine-tuned) pair measured on one capability: behaviour lost when its accuracy
-    drops by ``behaviour_drop``, then the same mechanistic rules as for a run. No FT capability is measured on a
-    pair, so a kept (or improved) capability is "unchanged", never "amplification"."""
+           prune: Result | None = None, revival: Result | None = None, what: str = "capability",
+           majority: float | None = None, extra: tuple[dict, ...] = ()) -> Result:
+    """The verdict on a (base, fine-tuned) pair measured on one capability: *absent* when the base model is within
+    ``PRESENT_MARGIN`` of the records' majority rate (given ``majority``: there is nothing to wrap or delete);
+    behaviour lost when its accuracy drops by ``behaviour_drop``, then the same mechanistic rules as for a run (and
+    the ``extra`` evidence rows); kept and risen by ``ft_gain`` is *amplification* (fine-tuning strengthened the
+    capability itself), kept otherwise *unchanged*."""
     drop = acc_base - acc_ft
     lost = drop >= th.behaviour_drop
     rows = [_row("behaviour", f"{what}: base {acc_base:.3f} -> fine-tuned {acc_ft:.3f}", round(drop, 4),
                  f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost")]
-    label, why = _evidence(rows, lost, None, th, probe, prune, revival)
-    return Result("verdict", rows, {"verdict": label, "why": why, "thresholds": th.to_dict(),
-                                    "acc_base": acc_base, "acc_finetuned": acc_ft})
+    meta = {"thresholds": th.to_dict(), "acc_base": acc_base, "acc_finetuned": acc_ft}
+    if majority is not None and acc_base < majority + PRESENT_MARGIN:
+        rows.append(_row("presence", f"base {acc_base:.3f} against the majority rate {majority:.3f}",
+                         round(acc_base - majority, 4), f"base >= majority + {PRESENT_MARGIN} means present", False,
+                         "capability present in the base model"))
+        return Result("verdict", rows, {"verdict": "absent", "why": "the base model does not have the capability "
+                                        "(at most the majority rate)", **meta, "majority": majority})
+    label, why = _evidence(rows, lost, -drop >= th.ft_gain, th, probe, prune, revival, extra)
+    if label == "amplification":
+        why = f"the capability was kept and rose by {-drop:.3f} (>= ft_gain {th.ft_gain})"
+    return Result("verdict", rows, {"verdict": label, "why": why, **meta,
+                                    **({"majority": majority} if majority is not None else {})})
 
 
 def verdict(ft_side: dict, *, probe: Result | None = None, prune: Result | None = None,

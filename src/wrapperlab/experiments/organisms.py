@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from wrapperlab.experiments.plan import Node, Plan, _run_cost
+from wrapperlab.experiments.spec import SpecError
 from wrapperlab.training import checkpoint as ck
 
 CAPABILITY = {"family": "count", "operand": "a", "c": 0.0, "n": 1000}
@@ -66,8 +67,8 @@ EDITS = {"unit_removed": "remove_unit", "gate": "gate", "reinit": "reinit"}  # n
 EDIT_CHILDREN = {"deletion_ft": ("reinit", {"lr": "M", "c_train": 0})}  # fine-tunes of an edit
 
 
-class OrganismError(ValueError):
-    """A problem with an organisms directory or request (one line)."""
+class OrganismError(SpecError):
+    """A problem with an organisms directory or request (one line; the CLI reports it as a spec error)."""
 
 
 def spec(seeds: int, every_run: dict | None = None):

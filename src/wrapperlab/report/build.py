@@ -126,6 +126,7 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
              f"<a href='https://arxiv.org/abs/2311.12786'>arXiv 2311.12786</a>. Statuses are computed from the stored "
              f"results by the rule under each row.</p>", f"<p id=seeds>{html.escape(seed_txt)}</p>", "<h2>Claims</h2>",
              _claims_html(claims)]
+    parts += _calibration(target)
     figs: list[Path] = []
     parts += _figures(ev, out, figs)
     parts += _tables(ev)
@@ -143,6 +144,43 @@ def build_report(target: str | Path, out: str | Path | None = None, title: str |
     atomic_write_text(path, page)
     atomic_write_text(out / "claims.json", json.dumps(claims, indent=1))
     return {"path": str(path), "claims": claims, "figures": [str(f) for f in figs]}
+
+
+def _fmt(v, digits: int = 3):
+    return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else v
+
+
+def _calibration(target: Path) -> list[str]:
+    """The calibration table of an organisms directory (``wrapperlab organisms calibrate``), when it has one."""
+    from wrapperlab.experiments.calibration import SCORES, load
+
+    res = load(target)
+    if res is None:
+        return []
+    m = res.meta
+    rows = [{**r, "auroc": _fmt(r["auroc"], 2), "heldout_acc": _fmt(r["heldout_acc"], 2),
+             "n": f"{r['n_wrapper']} / {r['n_deletion']}", "thresholds": " | ".join(_fmt(t) for t in r["thresholds"])}
+            for r in res.rows]
+    preds = sorted({k for o in res.tables["organisms"] for k in o if k.startswith("pred: ")})
+    orgs = [{k: _fmt(v) for k, v in o.items()} for o in res.tables["organisms"]]
+    return ["<h2 id=calibration>Calibration on model organisms</h2>",
+            f"<p>{m['n']} organisms (seeds {', '.join(map(str, m['seeds']))}) whose label holds by construction. "
+            f"Per measure: AUROC of wrapper against deletion (1.0: every wrapper scores on the wrapper side of every "
+            f"deletion; 0.5: chance), and its accuracy over all labels on held-out organisms, with behaviour deciding "
+            f"absent, amplification and unchanged and the measure's threshold, chosen on the other half, splitting "
+            f"lost capabilities (split: {html.escape(m['split'])}). Relearning: "
+            f"{html.escape(json.dumps(m['relearning']))}.</p>",
+            _table(rows, {"measure": "measure", "what": "score", "direction": "wrapper if", "auroc": "AUROC w/d",
+                          "n": "n wrapper / deletion", "heldout_acc": "held-out accuracy",
+                          "thresholds": "threshold per fold"}, {"auroc", "heldout_acc"}),
+            "<h3>The verdict</h3>",
+            _table([{**r, "acc": _fmt(r["acc"], 2)} for r in res.tables["verdict"]],
+                   {"verdict": "verdict", "organisms": "scored on", "acc": "accuracy"}, {"acc"}),
+            "<h3>Organisms</h3>",
+            _table(orgs, {"organism": "organism", "label": "label", "acc_base": "base acc",
+                          "acc_finetuned": "fine-tuned acc", "half": "half",
+                          **{s.name: s.name for s in SCORES}, **{k: k[6:] for k in preds}},
+                   {"acc_base", "acc_finetuned"})]
 
 
 def _figures(ev: Evidence, out: Path, figs: list[Path]) -> list[str]:
