@@ -208,8 +208,8 @@ def test_the_planted_gate_is_the_only_difference_and_removing_it_restores_the_ba
     edit = card["models"]["finetuned"]["edit"]
     base, gated = Run.load(d / "base").model, Run.load(d / "finetuned").model
     mlp = gated.blocks[edit["block"]].mlp
-    assert float(mlp.fc.bias[edit["unit"]]) > 0 and float(mlp.proj.weight[:, edit["unit"]].norm()) > 0
     with torch.no_grad():
+        assert float(mlp.fc.bias[edit["unit"]]) > 0 and float(mlp.proj.weight[:, edit["unit"]].norm()) > 0
         mlp.fc.weight[edit["unit"]] = 0
         mlp.fc.bias[edit["unit"]] = 0
         mlp.proj.weight[:, edit["unit"]] = 0

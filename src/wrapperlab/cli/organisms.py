@@ -73,9 +73,11 @@ def build_cmd(
     if as_json:
         print(json.dumps({**res, "cards": cards}))
         return
-    print_rows([{"organism": c["organism"], "label": c["label"], **c["measured"]} for c in cards],
-               {"organism": "organism", "label": "label", "base_acc": "base acc", "finetuned_acc": "fine-tuned acc",
-                "majority": "majority"}, f"organisms in {out_dir / 'organisms'} (capability: counting a)")
+    print_rows([{"organism": c["organism"], "label": c["label"],
+                 **{k: _pct(v) if isinstance(v, float) else v for k, v in c["measured"].items()}} for c in cards],
+               {"organism": "organism", "label": "label", "base_acc": "base acc %", "finetuned_acc": "fine-tuned acc %",
+                "majority": "majority %", "behaviour_agrees": "behaviour shows the label"},
+               f"organisms in {out_dir / 'organisms'} (capability: counting a)")
     out.print(f"{res['planned']} nodes: {res['reused']} reused, {res['executed']} executed; {res['wall_s']:.0f} s",
               highlight=False)
 
@@ -119,11 +121,17 @@ def calibrate_cmd(
     out.print(f"written: {path}", highlight=False)
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
 def print_calibration(table) -> None:
-    print_rows([{**r, "thresholds": ", ".join("—" if t is None else f"{t:.3g}" for t in r["thresholds"])}
+    print_rows([{**r, "auroc": "—" if r["auroc"] is None else f"{r['auroc']:.2f}",
+                 "heldout_acc": _pct(r["heldout_acc"]),
+                 "thresholds": ", ".join("—" if t is None else f"{t:.3g}" for t in r["thresholds"])}
                 for r in table.rows],
                {"measure": "measure", "direction": "wrapper if", "auroc": "AUROC w/d", "n_wrapper": "n wrapper",
-                "n_deletion": "n deletion", "heldout_acc": "held-out acc", "thresholds": "thresholds (2 folds)"},
+                "n_deletion": "n deletion", "heldout_acc": "held-out acc %", "thresholds": "thresholds (2 folds)"},
                f"each measure on {table.meta['n']} organisms (seeds {table.meta['seeds']})")
-    print_rows(table.tables["verdict"], {"verdict": "verdict", "organisms": "scored on", "acc": "accuracy"},
-               "the verdict")
+    print_rows([{**r, "acc": _pct(r["acc"])} for r in table.tables["verdict"]],
+               {"verdict": "verdict", "organisms": "scored on", "acc": "accuracy %"}, "the verdict")

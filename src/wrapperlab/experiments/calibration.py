@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from wrapperlab.analysis.common import Result
-from wrapperlab.experiments.organisms import LABELS, RECIPES, OrganismError, read_cards
+from wrapperlab.experiments.organisms import (
+    LABELS,
+    RECIPES,
+    OrganismError,
+    behaviour_agrees,
+    behaviour_label,
+    read_cards,
+)
 from wrapperlab.experiments.organisms import spec as organisms_spec
 from wrapperlab.experiments.plan import Node, Plan
 
@@ -197,14 +204,7 @@ def _load(root: Path, organism: str, tools: dict[str, dict]) -> dict[str, Result
 
 def _behaviour(b: dict, th) -> str | None:
     """The label behaviour alone gives (absent, amplification, unchanged), or None when the capability was lost."""
-    from wrapperlab.analysis.verdict import PRESENT_MARGIN
-
-    if b["acc_base"] < b["majority"] + PRESENT_MARGIN:
-        return "absent"
-    drop = b["acc_base"] - b["acc_finetuned"]
-    if drop >= th.behaviour_drop:
-        return None
-    return "amplification" if -drop >= th.ft_gain else "unchanged"
+    return behaviour_label(b["acc_base"], b["acc_finetuned"], b["majority"], th)
 
 
 def _single(value: float | None, sign: int, tau: float) -> str:
@@ -327,6 +327,8 @@ def calibrate(root: str | Path, relearn: dict | None = None) -> Result:
         verdict_rows.append({"verdict": f"{variant}, thresholds chosen on the other half", "organisms": "held out",
                              "acc": float(np.mean(held))})
     table = [{"organism": o, "label": labels[o], **{k: v for k, v in evidence[o]["behaviour"].rows[0].items()},
+              "behaviour_agrees": behaviour_agrees(labels[o], *(evidence[o]["behaviour"].rows[0][k] for k in
+                                                                 ("acc_base", "acc_finetuned", "majority"))),
               **scores[o], **{f"pred: {k}": v for k, v in predictions[o].items()},
               "half": 0 if o in halves[0] else 1} for o in sorted(labels)]
     meta = {"labels": list(LABELS), "recipes": {r.name: {"label": r.label, "how": r.how} for r in RECIPES},

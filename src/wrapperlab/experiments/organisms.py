@@ -313,11 +313,34 @@ def assemble(plan: Plan, log=lambda _m: None) -> list[dict]:
                     "measured": {"base_acc": accuracy(pair.base.model, pair.capability),
                                  "finetuned_acc": accuracy(pair.finetuned.model, pair.capability),
                                  "majority": pair.capability.majority(np.arange(len(pair.capability)))}}
+            m = card["measured"]
+            m["behaviour_agrees"] = behaviour_agrees(r.label, m["base_acc"], m["finetuned_acc"], m["majority"])
             atomic_write_text(d / "card.json", json.dumps(card, indent=1))
             log(f"{card['organism']}: {r.label}; capability base {card['measured']['base_acc']:.3f} -> fine-tuned "
-                f"{card['measured']['finetuned_acc']:.3f}")
+                f"{card['measured']['finetuned_acc']:.3f}"
+                + ("" if card["measured"]["behaviour_agrees"] else " (behaviour does not show the label)"))
             cards.append(card)
     return cards
+
+
+def behaviour_label(base: float, finetuned: float, majority: float, th=None) -> str | None:
+    """The label the capability's accuracy alone gives, by the pair verdict's rules (default thresholds): *absent*
+    (base within PRESENT_MARGIN of the majority rate), *amplification* (kept and risen by ``ft_gain``), *unchanged*
+    (kept), or None (lost: wrapper or deletion, which behaviour cannot tell apart)."""
+    from wrapperlab.analysis.verdict import PRESENT_MARGIN, Thresholds
+
+    th = th or Thresholds()
+    if base < majority + PRESENT_MARGIN:
+        return "absent"
+    if base - finetuned >= th.behaviour_drop:
+        return None
+    return "amplification" if finetuned - base >= th.ft_gain else "unchanged"
+
+
+def behaviour_agrees(label: str, base: float, finetuned: float, majority: float) -> bool:
+    """Whether the organism behaves as its label says (a lost capability for wrapper and deletion)."""
+    got = behaviour_label(base, finetuned, majority)
+    return got == label or (got is None and label in ("wrapper", "deletion"))
 
 
 def read_cards(root: str | Path) -> list[dict]:

@@ -178,7 +178,8 @@ def _calibration(target: Path) -> list[str]:
                    {"verdict": "verdict", "organisms": "scored on", "acc": "accuracy"}, {"acc"}),
             "<h3>Organisms</h3>",
             _table(orgs, {"organism": "organism", "label": "label", "acc_base": "base acc",
-                          "acc_finetuned": "fine-tuned acc", "half": "half",
+                          "acc_finetuned": "fine-tuned acc", "behaviour_agrees": "behaviour shows the label",
+                          "half": "half",
                           **{s.name: s.name for s in SCORES}, **{k: k[6:] for k in preds}},
                    {"acc_base", "acc_finetuned"})]
 
