@@ -46,7 +46,7 @@ def build_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the outcome and the cards as one JSON object"),
     progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
 ) -> None:
-    """Train and edit every organism (6 recipes x N seeds; ~25 min for 3 seeds on 2 cores), then write each as
+    """Train and edit every organism (6 recipes x N seeds; 27 min for 3 seeds on 2 cores), then write each as
     OUT/organisms/<recipe>-s<seed>/: card.json (label, recipe, seed, measured accuracies), capability.jsonl,
     base/ and finetuned/ (wrapperlab runs) and hf/base, hf/finetuned (Hugging Face directories that load with
     transformers alone). Resumable: the same command again reuses everything finished."""
