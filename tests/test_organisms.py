@@ -14,9 +14,9 @@ import pytest
 from conftest import need_module, one_line_error, wl
 
 from wrapperlab.analysis.common import Result
-from wrapperlab.analysis.verdict import Thresholds, decide
+from wrapperlab.analysis.verdict import Thresholds, behaviour_label, decide
 from wrapperlab.experiments import calibration as cal
-from wrapperlab.experiments.organisms import LABELS, RECIPES
+from wrapperlab.experiments.organisms import LABELS, RECIPES, behaviour_agrees
 from wrapperlab.training import checkpoint as ck
 
 
@@ -67,6 +67,10 @@ def test_a_base_model_at_the_majority_rate_is_absent_and_a_risen_capability_is_a
     lost = decide(0.90, 0.20, th, majority=0.30, extra=({"evidence": "x", "measured": "", "value": 1,
                                                          "threshold": "", "passed": True, "supports": ""},))
     assert lost.meta["verdict"] == "wrapper"  # the only vote says "still there"
+    # the behaviour rule the cards and the calibration share: the same cases by hand
+    assert behaviour_label(0.32, 0.30, th, 0.30) == "absent" and behaviour_label(0.90, 0.20, th, 0.30) is None
+    assert behaviour_label(0.55, 0.95, th, 0.30) == "amplification" and behaviour_label(0.9, 0.88, th) == "unchanged"
+    assert behaviour_agrees("wrapper", 0.9, 0.2, 0.3) and not behaviour_agrees("amplification", 0.6, 0.63, 0.42)
 
 
 # ------------------------------------------------------------------------------------------------ planted results

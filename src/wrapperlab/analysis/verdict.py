@@ -142,6 +142,17 @@ def _evidence(rows: list[dict], lost: bool, learned: bool | None, th: Thresholds
 PRESENT_MARGIN = 0.10  # a base model within this of the majority rate does not have the capability
 
 
+def behaviour_label(acc_base: float, acc_ft: float, th: Thresholds, majority: float | None = None) -> str | None:
+    """What a pair's capability accuracy alone says: *absent* (given ``majority``: the base within PRESENT_MARGIN of
+    it), None (lost: a drop of ``behaviour_drop``, for the mechanistic evidence to tell wrapper from deletion),
+    *amplification* (kept and risen by ``ft_gain``) or *unchanged*."""
+    if majority is not None and acc_base < majority + PRESENT_MARGIN:
+        return "absent"
+    if acc_base - acc_ft >= th.behaviour_drop:
+        return None
+    return "amplification" if acc_ft - acc_base >= th.ft_gain else "unchanged"
+
+
 def decide(acc_base: float, acc_ft: float, th: Thresholds, *, probe: Result | None = None,
            prune: Result | None = None, revival: Result | None = None, what: str = "capability",
            majority: float | None = None, extra: tuple[dict, ...] = ()) -> Result:
@@ -151,17 +162,18 @@ def decide(acc_base: float, acc_ft: float, th: Thresholds, *, probe: Result | No
     the ``extra`` evidence rows); kept and risen by ``ft_gain`` is *amplification* (fine-tuning strengthened the
     capability itself), kept otherwise *unchanged*."""
     drop = acc_base - acc_ft
-    lost = drop >= th.behaviour_drop
+    got = behaviour_label(acc_base, acc_ft, th, majority)
+    lost = got is None
     rows = [_row("behaviour", f"{what}: base {acc_base:.3f} -> fine-tuned {acc_ft:.3f}", round(drop, 4),
                  f"drop >= {th.behaviour_drop} means lost", lost, "PT behaviour lost")]
     meta = {"thresholds": th.to_dict(), "acc_base": acc_base, "acc_finetuned": acc_ft}
-    if majority is not None and acc_base < majority + PRESENT_MARGIN:
+    if got == "absent":
         rows.append(_row("presence", f"base {acc_base:.3f} against the majority rate {majority:.3f}",
                          round(acc_base - majority, 4), f"base >= majority + {PRESENT_MARGIN} means present", False,
                          "capability present in the base model"))
         return Result("verdict", rows, {"verdict": "absent", "why": "the base model does not have the capability "
                                         "(at most the majority rate)", **meta, "majority": majority})
-    label, why = _evidence(rows, lost, -drop >= th.ft_gain, th, probe, prune, revival, extra)
+    label, why = _evidence(rows, lost, got == "amplification", th, probe, prune, revival, extra)
     if label == "amplification":
         why = f"the capability was kept and rose by {-drop:.3f} (>= ft_gain {th.ft_gain})"
     return Result("verdict", rows, {"verdict": label, "why": why, **meta,

@@ -31,7 +31,6 @@ from wrapperlab.experiments.organisms import (
     RECIPES,
     OrganismError,
     behaviour_agrees,
-    behaviour_label,
     read_cards,
 )
 from wrapperlab.experiments.organisms import spec as organisms_spec
@@ -204,7 +203,9 @@ def _load(root: Path, organism: str, tools: dict[str, dict]) -> dict[str, Result
 
 def _behaviour(b: dict, th) -> str | None:
     """The label behaviour alone gives (absent, amplification, unchanged), or None when the capability was lost."""
-    return behaviour_label(b["acc_base"], b["acc_finetuned"], b["majority"], th)
+    from wrapperlab.analysis.verdict import behaviour_label
+
+    return behaviour_label(b["acc_base"], b["acc_finetuned"], th, b["majority"])
 
 
 def _single(value: float | None, sign: int, tau: float) -> str:

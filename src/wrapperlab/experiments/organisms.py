@@ -323,23 +323,12 @@ def assemble(plan: Plan, log=lambda _m: None) -> list[dict]:
     return cards
 
 
-def behaviour_label(base: float, finetuned: float, majority: float, th=None) -> str | None:
-    """The label the capability's accuracy alone gives, by the pair verdict's rules (default thresholds): *absent*
-    (base within PRESENT_MARGIN of the majority rate), *amplification* (kept and risen by ``ft_gain``), *unchanged*
-    (kept), or None (lost: wrapper or deletion, which behaviour cannot tell apart)."""
-    from wrapperlab.analysis.verdict import PRESENT_MARGIN, Thresholds
-
-    th = th or Thresholds()
-    if base < majority + PRESENT_MARGIN:
-        return "absent"
-    if base - finetuned >= th.behaviour_drop:
-        return None
-    return "amplification" if finetuned - base >= th.ft_gain else "unchanged"
-
-
 def behaviour_agrees(label: str, base: float, finetuned: float, majority: float) -> bool:
-    """Whether the organism behaves as its label says (a lost capability for wrapper and deletion)."""
-    got = behaviour_label(base, finetuned, majority)
+    """Whether the organism behaves as its label says (by the pair verdict's behaviour rule, default thresholds; a
+    lost capability for wrapper and deletion)."""
+    from wrapperlab.analysis.verdict import Thresholds, behaviour_label
+
+    got = behaviour_label(base, finetuned, Thresholds(), majority)
     return got == label or (got is None and label in ("wrapper", "deletion"))
 
 

@@ -164,7 +164,8 @@ def _calibration(target: Path) -> list[str]:
     preds = sorted({k for o in res.tables["organisms"] for k in o if k.startswith("pred: ")})
     orgs = [{k: _fmt(v) for k, v in o.items()} for o in res.tables["organisms"]]
     return ["<h2 id=calibration>Calibration on model organisms</h2>",
-            f"<p>{m['n']} organisms (seeds {', '.join(map(str, m['seeds']))}) whose label holds by construction. "
+            f"<p>{m['n']} organisms (seeds {', '.join(map(str, m['seeds']))}) whose label is set by construction "
+            f"(the organisms table says whether behaviour shows it). "
             f"Per measure: AUROC of wrapper against deletion (1.0: every wrapper scores on the wrapper side of every "
             f"deletion; 0.5: chance), and its accuracy over all labels on held-out organisms, with behaviour deciding "
             f"absent, amplification and unchanged and the measure's threshold, chosen on the other half, splitting "
