@@ -204,3 +204,30 @@ def test_divergence_stops_with_status_diverged_and_keeps_last_checkpoint(tmp_pat
     if on_disk is not None:  # a good checkpoint was written before the loss blew up
         assert on_disk["status"] == "diverged" and on_disk["step"] < 6
         ck.load_tensors(tmp_path / "r")  # and it is still complete and verifiable
+
+
+def test_stop_margin_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path):
+    """eval.stop_margin: the run is the uninterrupted run cut at the first evaluation whose O_PT accuracy reaches the
+    majority rate plus the margin (same metrics up to there, bit-identical weights to a run paused at that step)."""
+    counting = ["family=count", "operand=a", "steps=300", "batch_size=64", "lr=3e-3", "eval.n=200", "eval.every=20"]
+    cfg, _ = make("scratch", *counting)
+    whole = Stage(cfg, None, tmp_path / "whole").run(progress=False)
+    head = [r for r in whole["metrics"] if (r["family"], r["operand"], r["c_test"]) == ("count", "a", 0.0)]
+    above = [r["acc"] - r["majority"] for r in head]
+    assert max(above) > above[0] + 0.2, "the tiny model should learn to count within the run"
+    margin = round((above[0] + max(above)) / 2, 3)  # a level the run crosses part-way
+    expect = next(r["step"] for r, a in zip(head, above, strict=True) if a >= margin)
+    assert 0 < expect < 300
+
+    stopped_cfg, _ = make("scratch", *counting, f"eval.stop_margin={margin}")
+    assert stopped_cfg.run_id() != cfg.run_id() and "stop_margin" not in cfg.identity()["eval"]
+    lines = []
+    side = Stage(stopped_cfg, None, tmp_path / "stopped").run(progress=False, log=lines.append)
+    assert side["status"] == "done" and side["step"] == expect and side["stopped"]["step"] == expect
+    assert side["metrics"] == [r for r in whole["metrics"] if r["step"] <= expect]
+    assert "eval.stop_margin" in lines[-1]
+    Stage(cfg, None, tmp_path / "paused").run(progress=False, stop_after=expect)
+    (_, wa), (_, wb) = _weights(tmp_path / "paused"), _weights(tmp_path / "stopped")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
+    again = Stage(stopped_cfg, None, tmp_path / "stopped").run(progress=False)  # done: nothing retrained
+    assert again["step"] == expect and again["checkpoint"] == side["checkpoint"]

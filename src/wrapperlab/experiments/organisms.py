@@ -55,8 +55,9 @@ RECIPES = (
            f"the counting model with the {REINIT_FRACTION:.0%} of prunable units most salient for counting a "
            f"(grad·w) re-initialised, then fine-tuned at η_M on counting b (C_Tr = 0)"),
     Recipe("amplification-ft", "amplification", "pt_early", "amplify_ft",
-           "counting a partly learned (the same pretraining recipe over 600 steps), then fine-tuned at η_M on counting "
-           "a itself for 300 steps"),
+           "counting a partly learned (the counting model's pretraining stopped at the first evaluation 15 points "
+           "above the majority rate), then fine-tuned at η_L on counting a itself until it is 45 points above (at most "
+           "1000 steps)"),
     Recipe("unchanged-ft", "unchanged", "pt", "unchanged_ft",
            "the counting model fine-tuned on the token-value family at LR 2e-6 for 100 steps"),
     Recipe("absent-ft", "absent", "pt_absent", "absent_ft",

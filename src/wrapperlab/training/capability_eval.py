@@ -95,5 +95,8 @@ class CapabilityEvaluator(Evaluator):
         return f"step {step:>6}: held-out accuracy {100 * r['acc']:.1f}% (maj {100 * r['majority']:.0f}%), " \
                f"answer loss {r['loss']:.4f}"
 
+    def headline(self, rows: list[dict]) -> dict | None:
+        return rows[0]
+
 
 EVALUATIONS["capability"] = CapabilityEvaluator

@@ -93,6 +93,11 @@ class EvalConfig(BaseModel):
                                                 "50, ... for curves on a log step axis")
     at: list[int] = Field(default_factory=list, description="extra evaluation (and checkpoint) steps, e.g. the reFT "
                                                           "columns of the paper's Table 1")
+    stop_margin: float | None = Field(
+        None, gt=0, le=1, description="finish the run at the first evaluation whose headline accuracy (O_PT of the "
+                                      "stage's family at the first c_test) reaches its majority rate plus this "
+                                      "margin: a model stopped at an accuracy rather than a step (the LR schedule "
+                                      "still spans train.steps)")
 
     @field_validator("c_test", mode="before")
     @classmethod
@@ -205,6 +210,8 @@ class RunConfig(BaseModel):
             d["eval"].pop("log_spaced")
         if not d["eval"]["at"]:
             d["eval"].pop("at")
+        if d["eval"]["stop_margin"] is None:
+            d["eval"].pop("stop_margin")
         if d["task"].get("kind") == "pcfg":
             d["task"].pop("kind")
         if d["train"].get("precision") == "fp32":

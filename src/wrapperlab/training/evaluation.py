@@ -88,17 +88,27 @@ class Evaluator:
     def line(self, step: int, rows: list[dict]) -> str:
         return f"step {step:>6}: " + " | ".join(str(r) for r in rows)
 
+    def headline(self, rows: list[dict]) -> dict | None:
+        """The row ``eval.stop_margin`` reads (an ``acc`` and its ``majority``); None: this evaluation has none."""
+        return None
+
 
 class AccuracyEvaluator(Evaluator):
     """Accuracy on the task's fixed, seeded evaluation sets (PCFG and Tracr tasks)."""
 
     def __init__(self, cfg, task: Task):
         self.task, self.device = task, cfg.device
+        self.family, self.c0 = cfg.eval_family, cfg.eval.c_test[0] if cfg.eval.c_test else None
         self.sets = build_eval_sets(task, cfg.eval_family, cfg.eval.c_test, cfg.eval.n, cfg.eval.seed,
                                     cfg.report_all_families)
 
     def __call__(self, model: torch.nn.Module, step: int) -> list[dict]:
         return evaluate_sets(model, self.task, self.sets, self.device)
+
+    def headline(self, rows: list[dict]) -> dict | None:
+        o_pt = getattr(self.task.config, "o_pt", None)
+        return next((r for r in rows if r["family"] == self.family and r["c_test"] == self.c0
+                     and (o_pt is None or r["operand"] == o_pt)), None)
 
     def line(self, step: int, rows: list[dict]) -> str:
         o_pt, o_ft = self.task.config.o_pt, self.task.config.o_ft

@@ -196,6 +196,7 @@ class Stage:
         self.task = make_task(cfg)
         self.lora = None  # the adapters of a train.method=lora run, once attached
         self.eval_s = 0.0  # seconds spent evaluating (resumed runs carry on from their sidecar)
+        self.stopped: dict | None = None  # the headline row eval.stop_margin last read
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> tuple[Transformer, torch.optim.Optimizer, int, list]:
@@ -270,7 +271,14 @@ class Stage:
                 "config": self.cfg.model_dump(mode="json"), "parent": self.cfg.parent,
                 "parent_id": self.parent_id, "optim_groups": groups, "metrics": metrics,
                 "wall_s": round(wall, 2), "eval_s": round(self.eval_s, 2), "steps": self.cfg.train.steps}
+        if status == "done" and self.stopped is not None and step < self.cfg.train.steps:
+            side["stopped"] = self.stopped  # finished by eval.stop_margin, not by train.steps
         return ck.save_checkpoint(self.run_dir, step, tensors, side)
+
+    def _stop_line(self) -> str:
+        s = self.stopped
+        return (f"accuracy {100 * s['acc']:.1f}% reached the majority rate {100 * s['majority']:.1f}% + "
+                f"{100 * s['margin']:g} points; the run is done (eval.stop_margin)")
 
     # ------------------------------------------------------------------ loop
     def autocast(self):
@@ -348,7 +356,7 @@ class Stage:
         evaluator = make_evaluator(cfg, self.task)
         log = log or (lambda s: None)
 
-        def do_eval(at: int) -> None:
+        def do_eval(at: int) -> list[dict]:
             te = time.perf_counter()
             rows = evaluator(model, at)
             self.eval_s += time.perf_counter() - te
@@ -356,10 +364,23 @@ class Stage:
                 r["step"] = at
             metrics.extend(rows)
             log(evaluator.line(at, rows))
+            return rows
+
+        def reached(rows: list[dict]) -> bool:
+            """Whether ``eval.stop_margin`` ends the run at this evaluation."""
+            margin = cfg.eval.stop_margin
+            if margin is None:
+                return False
+            row = evaluator.headline(rows)
+            if row is None:
+                raise ConfigError(f"eval.stop_margin: a {cfg.task.kind} task's evaluation has no accuracy to stop on")
+            self.stopped = {"step": row["step"], "acc": row["acc"], "majority": row["majority"], "margin": margin}
+            return row["acc"] >= row["majority"] + margin
 
         t0 = time.perf_counter()
-        if step == 0 and not metrics:
-            do_eval(0)
+        if step == 0 and not metrics and reached(do_eval(0)):
+            log(f"step 0: {self._stop_line()}")
+            return self._save(model, opt, 0, metrics, "done", wall0)
         extra = log_steps(t.steps) if cfg.eval.log_spaced else set()
         start = step
         bar = _Bar(progress, t.steps, step, f"{cfg.stage}")
@@ -375,9 +396,12 @@ class Stage:
                 step += 1
                 bar.update(step, loss_value)
                 if step % cfg.eval.every == 0 or step == t.steps or step in cfg.eval.at:
-                    do_eval(step)
-                    st = "done" if step == t.steps else "running"
+                    stop = reached(do_eval(step))
+                    st = "done" if step == t.steps or stop else "running"
                     side = self._save(model, opt, step, metrics, st, wall0 + time.perf_counter() - t0)
+                    if stop:
+                        log(f"step {step}: {self._stop_line()}")
+                        break
                 elif step in extra:  # metrics only; redone identically after a resume
                     do_eval(step)
                 if stop_after is not None and step - start >= stop_after and step < t.steps:
