@@ -46,7 +46,7 @@ def build_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the outcome and the cards as one JSON object"),
     progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
 ) -> None:
-    """Train and edit every organism (6 recipes x N seeds; 27 min for 3 seeds on 2 cores), then write each as
+    """Train and edit every organism (6 recipes x N seeds; about 30 min for 3 seeds on 2 cores), then write each as
     OUT/organisms/<recipe>-s<seed>/: card.json (label, recipe, seed, measured accuracies), capability.jsonl,
     base/ and finetuned/ (wrapperlab runs) and hf/base, hf/finetuned (Hugging Face directories that load with
     transformers alone). Resumable: the same command again reuses everything finished."""
@@ -95,7 +95,7 @@ def calibrate_cmd(
     progress: bool = typer.Option(True, help="progress bar with ETA for the whole plan"),
 ) -> None:
     """Run every measure on every organism (probe, prune, relearning against the seed's never-counting model,
-    weight_diff, patching, direction; ~15 min for 18 organisms on 2 cores, resumable), then score them: per
+    weight_diff, patching, direction; ~15-20 min for 18 organisms on 2 cores, resumable), then score them: per
     measure its AUROC for wrapper against deletion and its held-out accuracy over all labels; the verdict with
     its default thresholds and with thresholds chosen on one half of the organisms and scored on the other.
     Writes DIR/calibration/calibration.json; `wrapperlab report DIR` shows it."""
