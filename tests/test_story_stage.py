@@ -99,6 +99,7 @@ def test_delete_then_recover_chain_from_the_pretrained_run(shards, pretrained, t
     ("pretrain", {"task.bogus": 1}, "task.bogus"),
     ("pretrain", {"task.feature": "Plot"}, "task.feature"),
     ("pretrain", {"steps": 10, "eval.at": [11]}, "eval.at"),
+    ("pretrain", {"eval.stop_margin": 0.1}, "eval.stop_margin"),
     ("scratch", {}, "no scratch stage"),
 ])
 def test_bad_story_configs_are_one_line_errors(shards, stage_name, values, needle):

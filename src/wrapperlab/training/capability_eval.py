@@ -73,6 +73,8 @@ class CapabilityEvaluator(Evaluator):
     """A capability stage's evaluation: accuracy and answer loss on the held-out records, as one row in the shape of
     the accuracy rows (family ``capability``, operand O_PT, c_test 0) so revival curves read it alike."""
 
+    stoppable = True
+
     def __init__(self, cfg, task):
         self.task = task
         self.cap = task.capability

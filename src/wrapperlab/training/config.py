@@ -190,6 +190,11 @@ class RunConfig(BaseModel):
                              f"(App. E.1 is defined for PCFG tasks)")
         if self.init and self.parent:
             raise ValueError("init: a stage starts from its parent or from init, not both")
+        if self.eval.stop_margin is not None:
+            from wrapperlab.training.evaluation import evaluator_class
+
+            if not evaluator_class(self.task.kind).stoppable:
+                raise ValueError(f"eval.stop_margin: a {self.task.kind} task's evaluation has no accuracy to stop on")
         get_task_kind(self.task.kind).check_run(self.stage, self.parent, self.train, self.eval, self.task)
         if self.train.method == "lora" and self.stage in ("pretrain", "scratch"):
             raise ValueError(f"train.method: lora adapts a trained model; a {self.stage} run trains from scratch "

@@ -80,7 +80,10 @@ def evaluate_sets(model: torch.nn.Module, task: Task, sets: list[EvalSet], devic
 
 # ----------------------------------------------------------------------------- evaluators by task kind
 class Evaluator:
-    """What a stage measures at each evaluation: ``evaluator(model, step) -> rows`` and a one-line summary."""
+    """What a stage measures at each evaluation: ``evaluator(model, step) -> rows`` and a one-line summary;
+    ``stoppable`` ones also name the ``headline`` row that ``eval.stop_margin`` reads."""
+
+    stoppable = False
 
     def __call__(self, model: torch.nn.Module, step: int) -> list[dict]:
         raise NotImplementedError
@@ -89,12 +92,14 @@ class Evaluator:
         return f"step {step:>6}: " + " | ".join(str(r) for r in rows)
 
     def headline(self, rows: list[dict]) -> dict | None:
-        """The row ``eval.stop_margin`` reads (an ``acc`` and its ``majority``); None: this evaluation has none."""
+        """The row ``eval.stop_margin`` reads (an ``acc`` and its ``majority``); None: these rows have none."""
         return None
 
 
 class AccuracyEvaluator(Evaluator):
     """Accuracy on the task's fixed, seeded evaluation sets (PCFG and Tracr tasks)."""
+
+    stoppable = True
 
     def __init__(self, cfg, task: Task):
         self.task, self.device = task, cfg.device
@@ -123,12 +128,16 @@ EVALUATIONS: dict[str, Callable] = {"accuracy": AccuracyEvaluator}
 EVALUATION_MODULES = ("wrapperlab.training.generation", "wrapperlab.training.capability_eval")
 
 
-def make_evaluator(cfg, task: Task) -> Evaluator:
-    """The evaluator the run's task kind names (``TaskKind.evaluation``)."""
+def evaluator_class(task_kind: str) -> type[Evaluator]:
+    """The evaluator class a task kind names (``TaskKind.evaluation``)."""
     from wrapperlab.tasks.registry import get_task_kind
 
-    name = get_task_kind(cfg.task.kind).evaluation
+    name = get_task_kind(task_kind).evaluation
     if name not in EVALUATIONS:
         for mod in EVALUATION_MODULES:
             importlib.import_module(mod)
-    return EVALUATIONS[name](cfg, task)
+    return EVALUATIONS[name]
+
+
+def make_evaluator(cfg, task: Task) -> Evaluator:
+    return evaluator_class(cfg.task.kind)(cfg, task)

@@ -373,7 +373,8 @@ class Stage:
                 return False
             row = evaluator.headline(rows)
             if row is None:
-                raise ConfigError(f"eval.stop_margin: a {cfg.task.kind} task's evaluation has no accuracy to stop on")
+                raise ConfigError(f"eval.stop_margin: the evaluation has no O_PT row at the first c_test of "
+                                  f"{cfg.eval_family} to stop on")
             self.stopped = {"step": row["step"], "acc": row["acc"], "majority": row["majority"], "margin": margin}
             return row["acc"] >= row["majority"] + margin
 
